@@ -1,0 +1,9 @@
+"""Graph passes on onnx_ir, one per module, registered by name in `registry`.
+
+Installed as ``zenith_onnx.passes``. Importing this package registers every pass.
+"""
+
+from zenith_onnx.passes import cleanup  # noqa: F401
+from zenith_onnx.passes.registry import DEFAULT_OPTIMIZE, available, build_pipeline, create, register
+
+__all__ = ["DEFAULT_OPTIMIZE", "available", "build_pipeline", "create", "register"]

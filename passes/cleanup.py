@@ -1,0 +1,45 @@
+"""Remove what earlier passes left behind: unused nodes, initializers, functions and
+opset imports, and Identity nodes.
+
+Before:  X -> Conv -> Identity -> Y     W_old (unused initializer)
+After:   X -> Conv -> Y
+
+Graph outputs keep their names (onnx_ir's identity elimination renames the producer's
+output when an Identity feeds a graph output).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from zenith_onnx.passes.registry import register
+
+__all__ = ["CleanupPass", "LiftConstantsPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@register("cleanup")
+class CleanupPass(ir.passes.InPlacePass):
+    """Remove Identity nodes and unused nodes, initializers, functions and opsets."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        inner = ir.passes.Sequential(
+            common.IdentityEliminationPass(),
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        )
+        return ir.passes.PassResult(model, inner(model).modified)
+
+
+@register("lift_constants")
+class LiftConstantsPass(ir.passes.InPlacePass):
+    """Turn Constant nodes holding tensors into initializers (older exports use them for weights)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        inner = common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)
+        return ir.passes.PassResult(model, inner(model).modified)

@@ -1,0 +1,5 @@
+import sys
+
+from zenith_onnx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""onnxruntime helpers: sessions at a chosen optimization level, running feeds.
+
+Reference outputs come from ``ORT_DISABLE_ALL`` (onnxruntime's default level folds
+Conv+BatchNorm itself and would hide folding bugs); fusion is checked at
+``ORT_ENABLE_EXTENDED``; latency is measured at ``ORT_ENABLE_ALL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from zenith_onnx.errors import ModelError
+
+__all__ = ["LEVELS", "model_bytes", "session", "run", "model_file"]
+
+LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+_INLINE_LIMIT = 1_500_000_000
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """Serialize an in-memory model (weights inline)."""
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+@contextlib.contextmanager
+def model_file(model: ir.Model | str | os.PathLike) -> Iterator[str]:
+    """A path onnxruntime can load: the given path, or a temporary file for an in-memory
+    model (with external data when the weights are too large for one protobuf)."""
+    if not isinstance(model, ir.Model):
+        yield str(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="zenith-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        big = sum(
+            v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+        ) > _INLINE_LIMIT
+        ir.save(model, path, external_data="model.onnx.data" if big else None)
+        yield str(path)
+
+
+def session(
+    model: ir.Model | str | os.PathLike | bytes,
+    level: str = "disable_all",
+    *,
+    threads: int = 1,
+    optimized_model_filepath: str | None = None,
+    disabled_optimizers: Sequence[str] = (),
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session at ``level`` (see `LEVELS`)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if optimized_model_filepath:
+        options.optimized_model_filepath = optimized_model_filepath
+    kwargs = {"providers": ["CPUExecutionProvider"]}
+    if disabled_optimizers:
+        kwargs["disabled_optimizers"] = list(disabled_optimizers)
+    try:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, options, **kwargs)
+        if isinstance(model, ir.Model):
+            with model_file(model) as path:
+                return ort.InferenceSession(path, options, **kwargs)
+        return ort.InferenceSession(str(model), options, **kwargs)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
+        raise ModelError(f"onnxruntime cannot load the model: {_short(e)}") from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:400]
+
+
+def run(
+    sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Run one feed; returns ``{output name: array}``."""
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    values = sess.run(names, dict(feeds))
+    return dict(zip(names, values))
