@@ -82,7 +82,7 @@ def make_initializer(graph: ir.Graph | ir.Function, name: str, array: np.ndarray
     Functions cannot hold initializers; there the value is produced by a Constant node
     inserted at the start of the function body.
     """
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.tensor(np.array(array, order="C"), name=name)  # keeps 0-d arrays scalar
     if isinstance(graph, ir.Function):
         node = ir.node("Constant", [], attributes={"value": tensor}, outputs=[ir.Value(name=name)])
         value = node.outputs[0]
