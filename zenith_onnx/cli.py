@@ -144,8 +144,17 @@ def _cmd_optimize(args) -> int:
     save_model(model, out)
     after = _op_counts(model)
     _print_op_table(before, after)
+    _print_pass_reports(pipeline)
     print(f"{model_path} -> {out}: passes {','.join(names)} in {elapsed:.2f} s")
     return EXIT_OK
+
+
+def _print_pass_reports(pipeline) -> None:
+    # Passes that keep a report (fold_batchnorm: each BatchNormalization it did not
+    # fold, and why) print it after the op table.
+    for pass_ in pipeline.passes:
+        if hasattr(pass_, "report_lines"):
+            print("\n".join(pass_.report_lines()))
 
 
 def _op_counts(model) -> dict[str, int]:
