@@ -50,6 +50,7 @@ decision is logged at debug and recorded in ``FoldBatchNormPass.report``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -71,14 +72,15 @@ FOLDED, CONVERTED, LEFT = "folded", "converted", "left"
 class FoldRecord:
     """What happened to one BatchNormalization."""
 
-    node: str  # the BatchNormalization, by name (or by output when unnamed)
+    node: str  # the BatchNormalization's name ("" when unnamed)
+    output: str  # its first output's name
     graph: str  # the graph or function holding it
     action: str  # FOLDED, CONVERTED (to Mul+Add) or LEFT
     target: str  # FOLDED: the layer it went into; CONVERTED: "Mul+Add"; LEFT: ""
     reason: str  # why it was not folded ("" when FOLDED)
 
     def format(self) -> str:
-        where = f"BatchNormalization {self.node} in {self.graph}"
+        where = f"BatchNormalization {_label(self.node, self.output)} in {self.graph}"
         if self.action == FOLDED:
             return f"{where}: folded into {self.target}"
         if self.action == CONVERTED:
@@ -89,14 +91,12 @@ class FoldRecord:
 # ---------------------------------------------------------------- helpers
 
 
-def _label(node: ir.Node) -> str:
-    if node.name:
-        return f"'{node.name}'"
-    return f"(unnamed, output '{node.outputs[0].name}')"
+def _label(name: str | None, output: str | None) -> str:
+    return f"'{name}'" if name else f"(unnamed, output '{output}')"
 
 
 def _describe(node: ir.Node) -> str:
-    return f"{node.op_type} {_label(node)}"
+    return f"{node.op_type} {_label(node.name, node.outputs[0].name)}"
 
 
 def _container_label(container: ir.Graph | ir.Function) -> str:
@@ -280,6 +280,8 @@ def _match_producer(bn: _BatchNorm) -> Rewrite | str:
         return f"its input comes from {_describe(producer)}, not Conv/ConvTranspose/Gemm/MatMul"
     if _graph.single_consumer(x) is not bn.node:
         return f"{_describe(producer)} output '{x.name}' has other consumers or is a graph output"
+    if producer.graph is not bn.node.graph:
+        return f"{_describe(producer)} is in an enclosing graph"
     if producer.op_type in ("Conv", "ConvTranspose"):
         return _match_conv(bn, producer)
     if producer.op_type == "Gemm":
@@ -462,7 +464,7 @@ def _match_following_conv(bn: _BatchNorm) -> Rewrite | str:
         conv.replace_input_with(0, bn.node.inputs[0])
         _replace_weight_and_bias(rw, conv, new_weight, 2, new_bias)
         rw.remove(bn.node)
-        return _describe(conv)
+        return f"{_describe(conv)} (input channels)"
 
     return rewrite
 
@@ -529,28 +531,29 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _fold(node: ir.Node, rw: _Rewriter, where: str) -> FoldRecord:
-        name = _label(node)
+        record = functools.partial(FoldRecord, node.name or "", node.outputs[0].name or "", where)
+        name = _label(node.name, node.outputs[0].name)
         bn = _check_batchnorm(node)
         if isinstance(bn, str):
             logger.debug("BatchNormalization %s left: %s", name, bn)
-            return FoldRecord(name, where, LEFT, "", bn)
+            return record(LEFT, "", bn)
         reasons = []
         for match in (_match_producer, _match_following_conv):
             rewrite = match(bn)
             if not isinstance(rewrite, str):
                 target = rewrite(rw)
                 logger.debug("BatchNormalization %s folded into %s", name, target)
-                return FoldRecord(name, where, FOLDED, target, "")
+                return record(FOLDED, target, "")
             reasons.append(rewrite)
         reason = f"not folded into its producer: {reasons[0]}; nor into its consumer: {reasons[1]}"
         rewrite = _match_affine(bn)
         if isinstance(rewrite, str):
             reason = f"{reason}; {rewrite}"
             logger.debug("BatchNormalization %s left: %s", name, reason)
-            return FoldRecord(name, where, LEFT, "", reason)
+            return record(LEFT, "", reason)
         target = rewrite(rw)
         logger.debug("BatchNormalization %s converted to %s: %s", name, target, reason)
-        return FoldRecord(name, where, CONVERTED, target, reason)
+        return record(CONVERTED, target, reason)
 
     def report_lines(self) -> list[str]:
         """A count line, then each BatchNormalization that was not folded and why."""

@@ -461,6 +461,27 @@ def test_bn_in_if_branches_is_folded():
         assert len(branch.initializers) == 2  # folded weight and bias live in the branch
 
 
+def test_bn_in_branch_is_not_folded_into_a_conv_of_the_enclosing_graph():
+    then = GraphBuilder("then", seed=5)
+    then.bn("c", C, "then_bn", output="then_y")
+    then.output("then_y", [1, C, 5, 5])
+    other = GraphBuilder("else")
+    other.node("Identity", ["x"], "else_y", "else_id")
+    other.output("else_y", [1, C, 5, 5])
+    b = GraphBuilder()
+    b.conv(b.input("x", [1, C, 5, 5]), C, C, "conv", pads=[1, 1, 1, 1])
+    b.nodes[-1].output[0] = "c"
+    b.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    b.nodes.append(helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then.graph(), else_branch=other.graph()))
+    b.output("y", [1, C, 5, 5])
+    x_feed = np.random.default_rng(0).standard_normal((1, C, 5, 5)).astype(np.float32)
+    after, fold_pass = fold(make_model(b.graph()), feeds=[{"x": x_feed, "cond": np.array(f)} for f in (True, False)])
+
+    assert op_counts(after) == {"Add": 1, "Conv": 1, "Identity": 1, "If": 1, "Mul": 1}
+    assert actions(fold_pass) == [CONVERTED]
+    assert "Conv 'conv' is in an enclosing graph" in fold_pass.report[0].reason
+
+
 def test_bn_in_loop_body_is_folded():
     body = GraphBuilder("body", seed=3)
     body.inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, []))
