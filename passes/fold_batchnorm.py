@@ -251,7 +251,8 @@ def _check_batchnorm(node: ir.Node) -> _BatchNorm | str:
 Rewrite = Callable[[_Rewriter], str]
 
 
-def _weight(node: ir.Node, index: int, what: str) -> tuple[ir.Value, np.ndarray] | str:
+def _weight(node: ir.Node, index: int, what: str) -> np.ndarray | str:
+    """The floating-point constant at input ``index``, or why there is none."""
     value = _optional_input(node, index)
     array = _graph.constant_array(value)
     if array is None:
@@ -259,15 +260,23 @@ def _weight(node: ir.Node, index: int, what: str) -> tuple[ir.Value, np.ndarray]
         return f"{_describe(node)} {what} {name} is not a constant"
     if not np.issubdtype(array.dtype, np.floating):
         return f"{_describe(node)} {what} has dtype {array.dtype}, not floating point"
-    return value, array
+    return array
 
 
 def _optional_bias(node: ir.Node, index: int) -> np.ndarray | None | str:
     """The bias array, None when absent, or the reason it cannot be used."""
-    if _optional_input(node, index) is None:
-        return None
-    found = _weight(node, index, "bias")
-    return found if isinstance(found, str) else found[1]
+    return None if _optional_input(node, index) is None else _weight(node, index, "bias")
+
+
+def _conv_parameters(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None, int] | str:
+    """A Conv/ConvTranspose's constant weight, bias (None if absent) and group."""
+    weight = _weight(conv, 1, "weight")
+    if isinstance(weight, str):
+        return weight
+    bias = _optional_bias(conv, 2)
+    if isinstance(bias, str):
+        return bias
+    return weight, bias, _graph.attr_int(conv, "group", 1)
 
 
 def _match_producer(bn: _BatchNorm) -> Rewrite | str:
@@ -292,14 +301,10 @@ def _match_producer(bn: _BatchNorm) -> Rewrite | str:
 
 
 def _match_conv(bn: _BatchNorm, conv: ir.Node) -> Rewrite | str:
-    found = _weight(conv, 1, "weight")
+    found = _conv_parameters(conv)
     if isinstance(found, str):
         return found
-    _, weight = found
-    bias = _optional_bias(conv, 2)
-    if isinstance(bias, str):
-        return bias
-    group = _graph.attr_int(conv, "group", 1)
+    weight, bias, group = found
     transpose = conv.op_type == "ConvTranspose"
     out_channels = weight.shape[1] * group if transpose else weight.shape[0]
     if out_channels != bn.channels:
@@ -331,10 +336,9 @@ def _replace_weight_and_bias(rw: _Rewriter, layer: ir.Node, weight: np.ndarray, 
 
 
 def _match_gemm(bn: _BatchNorm, gemm: ir.Node) -> Rewrite | str:
-    found = _weight(gemm, 1, "B")
-    if isinstance(found, str):
-        return found
-    _, weight = found
+    weight = _weight(gemm, 1, "B")
+    if isinstance(weight, str):
+        return weight
     if weight.ndim != 2:
         return f"{_describe(gemm)} B has rank {weight.ndim}, expected 2"
     axis = 0 if _graph.attr_int(gemm, "transB", 0) else 1
@@ -363,12 +367,11 @@ def _match_gemm(bn: _BatchNorm, gemm: ir.Node) -> Rewrite | str:
 
 def _check_matmul(bn: _BatchNorm, matmul: ir.Node, output: ir.Value) -> np.ndarray | str:
     """The MatMul's constant (K, N) weight if BN's channel axis is its feature axis."""
-    found = _weight(matmul, 1, "weight")
-    if isinstance(found, str):
+    weight = _weight(matmul, 1, "weight")
+    if isinstance(weight, str):
         if _graph.constant_array(matmul.inputs[0]) is not None:
             return f"{_describe(matmul)} has its constant on the left (W @ X): channels are not its output features"
-        return found
-    _, weight = found
+        return weight
     if weight.ndim != 2:
         return f"{_describe(matmul)} weight has rank {weight.ndim}, expected 2"
     # With a 2-D weight the output has the rank of the left operand (when it is >= 2).
@@ -447,14 +450,10 @@ def _match_following_conv(bn: _BatchNorm) -> Rewrite | str:
             f"the following {_describe(conv)} pads its input (pads {pads}, auto_pad {auto_pad}); "
             "a padded zero would become BatchNormalization's shift"
         )
-    found = _weight(conv, 1, "weight")
+    found = _conv_parameters(conv)
     if isinstance(found, str):
         return found
-    _, weight = found
-    bias = _optional_bias(conv, 2)
-    if isinstance(bias, str):
-        return bias
-    group = _graph.attr_int(conv, "group", 1)
+    weight, bias, group = found
     if weight.ndim < 3 or weight.shape[1] * group != bn.channels:
         return f"the following {_describe(conv)} has {weight.shape[1] * group} input channels, BatchNormalization {bn.channels}"
 
