@@ -35,6 +35,7 @@ import onnx_ir as ir
 from zenith_onnx import kernels
 from zenith_onnx.passes._graph import attr_int, constant_array, is_default_domain, make_initializer
 from zenith_onnx.passes.registry import register
+from zenith_onnx.errors import UsageError
 from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS, SLOW_WHEN_QUANTIZED
 
@@ -201,6 +202,7 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
             plan.absorbed.append((act, out))
             plan.range_source[out] = act.outputs[0]
 
+    _check_exclude_matches(graph, exclude)
     # An absorbed activation's output becomes its producer's output: one group.
     absorbed_outputs = {act.outputs[0]: out for act, out in plan.absorbed}
     for act_out, out in absorbed_outputs.items():
@@ -216,6 +218,19 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if src is not None and src in groups and _is_float(node.outputs[0]):
             groups.union(src, node.outputs[0])
     return plan
+
+
+def _check_exclude_matches(graph: ir.Graph, exclude: set[str]) -> None:
+    """An --exclude entry that names no node and no op type is a typo: say so."""
+    if not exclude:
+        return
+    seen = set()
+    for node in graph:
+        seen.add(node.name)
+        seen.add(node.op_type)
+    unknown = sorted(exclude - seen)
+    if unknown:
+        raise UsageError(f"--exclude: no node or op type named {', '.join(repr(u) for u in unknown)} in the model")
 
 
 def _refuse_compute(node: ir.Node, rule) -> str | None:
@@ -255,6 +270,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.config = config or QuantConfig()
         self.plan = plan
         self.report: dict = {}
+        # float model tensor name -> name of its dequantized counterpart (per-layer error)
+        self.tensor_map: dict[str, str] = {}
 
     # -- parameters
 
@@ -313,6 +330,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if node not in quantized_nodes:
                 plan.left_float.append((node.name, node.op_type, "an input or output has no calibrated range"))
         self._cache: dict = {}
+        float_names = {v: plan.range_source.get(v, v).name for v in params}
 
         removed_acts = 0
         for act, out in plan.absorbed:
@@ -328,7 +346,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for v in list(params):
             if self._already_quantized(v):
                 continue
-            self._insert_pair(graph, v, params[v])
+            dq_name = self._insert_pair(graph, v, params[v])
+            if dq_name:
+                self.tensor_map[float_names[v]] = dq_name
             inserted += 1
 
         counts: dict[str, int] = {}
@@ -388,7 +408,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         inputs = [q_value, scale] if zp is None else [q_value, scale, zp]
         return ir.node("DequantizeLinear", inputs, attributes=attrs, name=name, outputs=[ir.Value(name=name)])
 
-    def _insert_pair(self, graph: ir.Graph, v: ir.Value, qp: QParams) -> None:
+    def _insert_pair(self, graph: ir.Graph, v: ir.Value, qp: QParams) -> str | None:
+        """Q after ``v`` and a DQ before each consumer; returns the first DQ output's name."""
         base = v.name
         scale, zp = self._qparam_values(graph, base, qp)
         q = ir.node("QuantizeLinear", [v, scale, zp], name=f"{base}_QuantizeLinear",
@@ -400,6 +421,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             graph.insert_after(producer, q)
         else:
             graph.insert_before(next(iter(graph)), q)
+        first = None
         for k, use in enumerate(list(v.uses())):
             if use.node is q:
                 continue
@@ -407,6 +429,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self._set_float_type(dq.outputs[0], v)
             graph.insert_before(use.node, dq)
             use.node.replace_input_with(use.idx, dq.outputs[0])
+            first = first or dq.outputs[0].name
         if v.is_graph_output():
             name = v.name
             v.name = f"{name}_float"
@@ -417,6 +440,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             for i, o in enumerate(outputs):
                 if o is v:
                     outputs[i] = dq.outputs[0]
+            first = name
+        return first
 
     @staticmethod
     def _set_float_type(target: ir.Value, source: ir.Value) -> None:

@@ -1,0 +1,319 @@
+"""insert_qdq and the quantize pipeline: placement, dtypes, axes, int32 bias, numbers, fusion."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from zenith_onnx import kernels, runtime, synthetic
+from zenith_onnx.errors import UsageError
+from zenith_onnx.qconfig import QuantConfig
+from zenith_onnx.quantize import quantize
+from zenith_onnx.testing import sqnr_db
+
+
+def _ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(proto)
+
+
+def _samples(proto: onnx.ModelProto, n: int = 8, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    stacked = synthetic.calibration_samples(proto, n, seed)
+    return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+
+
+def _nodes(model: ir.Model, op: str) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == op]
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def _gemm_model(w: np.ndarray, b: np.ndarray, relu: bool = False) -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], name="gemm", transB=1)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["g"], ["y"], name="relu"))
+    else:
+        nodes[0].output[0] = "y"
+    graph = helper.make_graph(
+        nodes, "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[0]])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+# ------------------------------------------------------------------ structure
+
+
+def test_conv_weights_stored_int8_per_channel_bias_int32():
+    proto = synthetic.conv_bn_relu_cnn()
+    result = quantize(_ir(proto), _samples(proto), check_fusion=False, report_samples=0)
+    model = result.model
+    convs = _nodes(model, "Conv")
+    assert len(convs) == 8
+    for conv in convs:
+        w_dq = conv.inputs[1].producer()
+        assert w_dq.op_type == "DequantizeLinear"
+        w_q = w_dq.inputs[0]
+        assert w_q.is_initializer() and w_q.dtype == ir.DataType.INT8  # no float weight + Q
+        out_channels = w_q.shape[0]
+        assert _const(w_dq.inputs[1]).shape == (out_channels,)  # per channel
+        assert w_dq.attributes["axis"].as_int() == 0
+        assert np.all(_const(w_dq.inputs[2]) == 0)  # symmetric
+        assert np.abs(_const(w_q)).max() <= 127  # narrow range
+        x_dq = conv.inputs[0].producer()
+        assert x_dq.op_type == "DequantizeLinear" and x_dq.inputs[0].dtype == ir.DataType.UINT8
+        b_dq = conv.inputs[2].producer()
+        assert b_dq.op_type == "DequantizeLinear" and b_dq.inputs[0].dtype == ir.DataType.INT32
+        expected = np.float32(_const(x_dq.inputs[1])) * _const(w_dq.inputs[1])
+        np.testing.assert_allclose(_const(b_dq.inputs[1]), expected, rtol=1e-6)
+    assert not _nodes(model, "Relu"), "Relu after a quantized Conv is absorbed by the Q (zero point 0)"
+    assert not _nodes(model, "BatchNormalization")
+    for q in _nodes(model, "QuantizeLinear"):
+        assert q.inputs[2].dtype == ir.DataType.UINT8
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def test_gemm_axis_follows_transB_and_matmul_uses_last_axis():
+    proto = synthetic.transformer_block()
+    model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    weight_dqs = [n.inputs[1].producer() for n in _nodes(model, "MatMul") if n.inputs[1].producer().inputs[0].is_initializer()]
+    assert len(weight_dqs) == 6
+    for dq in weight_dqs:
+        assert dq.attributes["axis"].as_int() == 1
+        assert _const(dq.inputs[1]).shape == (dq.inputs[0].shape[1],)
+
+    w = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    for trans_b, weight in ((1, w), (0, w.T.copy())):
+        p = _gemm_model(weight, np.zeros(5, np.float32))
+        p.graph.node[0].attribute[0].i = trans_b
+        q = quantize(_ir(p), _samples(p, 2), check_fusion=False, report_samples=0).model
+        dq = _nodes(q, "Gemm")[0].inputs[1].producer()
+        assert dq.attributes["axis"].as_int() == (0 if trans_b else 1)
+        assert _const(dq.inputs[1]).shape == (5,)
+
+
+def test_bias_overflow_raises_weight_scale():
+    w = np.full((3, 4), 1e-7, np.float32)
+    b = np.array([5.0, -5.0, 0.5], np.float32)
+    proto = _gemm_model(w, b)
+    samples = [{"x": np.full((1, 4), v, np.float32)} for v in (-1e-3, 1e-3)]
+    model = quantize(_ir(proto), samples, check_fusion=False, report_samples=0).model
+    gemm = _nodes(model, "Gemm")[0]
+    b_int = _const(gemm.inputs[2].producer().inputs[0])
+    assert b_int.dtype == np.int32
+    assert np.abs(b_int.astype(np.int64)).max() < 2**31 - 1
+    x = {"x": np.full((1, 4), 1e-3, np.float32)}
+    ref = runtime.run(runtime.session(proto.SerializeToString()), x)["y"]
+    got = runtime.run(runtime.session(model), x)["y"]
+    out_step = float(_const(_nodes(model, "QuantizeLinear")[-1].inputs[1]))
+    assert np.max(np.abs(ref - got)) <= out_step  # bias survived: 5.0 is not lost to overflow
+
+
+def test_shared_tensor_gets_one_q_and_one_dq_per_consumer():
+    proto = synthetic.residual_cnn()
+    model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    add = _nodes(model, "Add")[0]
+    skip_dq = add.inputs[0].producer()
+    q_out = skip_dq.inputs[0]
+    consumers = q_out.consumers()
+    assert len(consumers) == 2 and all(c.op_type == "DequantizeLinear" for c in consumers)
+    assert len({id(c.outputs[0].consumers()[0]) for c in consumers}) == 2  # one DQ per consumer
+
+
+def test_shape_ops_share_the_input_scale():
+    proto = synthetic.transformer_block()
+    model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    for reshape in _nodes(model, "Reshape"):
+        dq_in = reshape.inputs[0].producer()
+        q_out = next(c for c in reshape.outputs[0].consumers() if c.op_type == "QuantizeLinear")
+        assert dq_in.op_type == "DequantizeLinear"
+        assert _const(dq_in.inputs[1]) == _const(q_out.inputs[1])
+        assert _const(dq_in.inputs[2]) == _const(q_out.inputs[2])
+
+
+def test_convtranspose_stays_float_with_reason():
+    w = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="up", strides=[2, 2])],
+        "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    result = quantize(_ir(proto), _samples(proto, 2), check_fusion=False, report_samples=0)
+    assert not _nodes(result.model, "QuantizeLinear")
+    reasons = {x["node"]: x["reason"] for x in result.report["left_float"]}
+    assert "fused" in reasons["up"]
+
+
+def test_exclude_by_name_and_type_and_unknown_name():
+    proto = synthetic.residual_cnn()
+    first_conv = proto.graph.node[0].name
+    result = quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(exclude=(first_conv, "Add")),
+                      check_fusion=False, report_samples=0)
+    assert result.report["quantized_ops"]["Conv"] == 7
+    assert "Add" not in result.report["quantized_ops"]
+    with pytest.raises(UsageError, match="no node or op type"):
+        quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(exclude=("no_such_node",)))
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def test_gemm_output_within_one_step_of_numpy_simulation():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    proto = _gemm_model(w, b, relu=True)
+    samples = [{"x": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(8)]
+    model = quantize(_ir(proto), samples, check_fusion=False, report_samples=0).model
+    sess = runtime.session(model)
+    gemm = _nodes(model, "Gemm")[0]
+    x_dq, w_dq = gemm.inputs[0].producer(), gemm.inputs[1].producer()
+    s_x, zp_x = _const(x_dq.inputs[1]), _const(x_dq.inputs[2])
+    s_w = _const(w_dq.inputs[1])
+    q_out = _nodes(model, "QuantizeLinear")[-1]
+    s_y, zp_y = float(_const(q_out.inputs[1])), int(_const(q_out.inputs[2]))
+    assert zp_y == 0  # the Relu went into the uint8 zero point
+    u8 = kernels.int_range(8, signed=False)
+    for feed in samples:
+        x_fq = kernels.fake_quantize(feed["x"], s_x, zp_x, u8)
+        w_fq = kernels.fake_quantize(w, s_w, 0, kernels.int_range(8, True, narrow=True), axis=0)
+        b_fq = np.rint(b / (s_x * s_w)) * (s_x * s_w)
+        y = np.maximum(x_fq.astype(np.float64) @ w_fq.T.astype(np.float64) + b_fq, 0)
+        expected = kernels.fake_quantize(y.astype(np.float32), s_y, 0, u8)
+        got = runtime.run(sess, feed)["y"]
+        assert np.max(np.abs(got - expected)) <= s_y + 1e-6
+
+
+@pytest.mark.parametrize("name", ["cnn8", "cnn8_res", "mobilenet_v2", "transformer"])
+def test_sqnr_of_synthetic_models(name):
+    proto = synthetic.SYNTHETIC_MODELS[name]()
+    result = quantize(_ir(proto), _samples(proto, 8), check_fusion=False, report_samples=4)
+    acc = result.report["accuracy"]
+    assert acc["samples"] == 4
+    assert acc["sqnr_db"] > 25.0, acc
+    assert acc["worst_layers"] and acc["worst_layers"][0]["sqnr_db"] <= acc["sqnr_db"] + 30
+
+
+def test_sqnr_at_least_onnxruntime_quantizer():
+    ort_quant = pytest.importorskip("onnxruntime.quantization")
+    import tempfile
+    from pathlib import Path
+
+    proto = synthetic.residual_cnn()
+    samples = _samples(proto, 8)
+    test = _samples(proto, 4, seed=7)
+    ours = quantize(_ir(proto), samples, check_fusion=False, report_samples=0).model
+
+    class Reader(ort_quant.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (str(Path(tmp) / n) for n in ("f.onnx", "p.onnx", "q.onnx"))
+        onnx.save(proto, src)
+        ort_quant.quant_pre_process(src, pre)
+        ort_quant.quantize_static(pre, out, Reader(), quant_format=ort_quant.QuantFormat.QDQ)
+        theirs = onnx.load(out).SerializeToString()
+    ref_s, ours_s, theirs_s = (runtime.session(m) for m in (proto.SerializeToString(), ours, theirs))
+    ref = [runtime.run(ref_s, f)["output"] for f in test]
+    ours_sqnr = sqnr_db(ref, [runtime.run(ours_s, f)["output"] for f in test])
+    theirs_sqnr = sqnr_db(ref, [runtime.run(theirs_s, f)["output"] for f in test])
+    assert ours_sqnr >= theirs_sqnr, (ours_sqnr, theirs_sqnr)
+
+
+# ------------------------------------------------------------------ fusion
+
+
+def _fused(model: ir.Model) -> dict:
+    from zenith_onnx.fusion import fusion_report
+
+    return fusion_report(model).to_dict()
+
+
+def test_residual_cnn_fully_fused():
+    proto = synthetic.residual_cnn()
+    model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    fusion = _fused(model)
+    ops = fusion["integer_ops"]
+    assert ops.get("QLinearConv", 0) == 8
+    assert ops.get("com.microsoft::QLinearAdd", 0) == 2
+    assert ops.get("com.microsoft::QGemm", 0) == 1
+    leftovers = fusion["float_ops_fed_by_dq"]
+    for op in ("Conv", "Add", "Gemm", "MatMul"):
+        assert op not in leftovers, leftovers
+
+
+def test_transformer_matmuls_and_adds_fused():
+    proto = synthetic.transformer_block()
+    model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    ops = _fused(model)["integer_ops"]
+    assert ops.get("QLinearMatMul", 0) == 8
+    assert ops.get("com.microsoft::QLinearAdd", 0) == 8
+    assert ops.get("com.microsoft::QLinearSoftmax", 0) == 1
+
+
+# ------------------------------------------------------------------ already quantized input
+
+
+def test_quantized_model_is_not_quantized_twice():
+    proto = synthetic.residual_cnn()
+    once = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    twice = quantize(once, None, check_fusion=False, report_samples=0).model
+    for op in ("QuantizeLinear", "DequantizeLinear", "Conv", "Add"):
+        assert len(_nodes(twice, op)) == len(_nodes(once, op)), op
+    scales_once = sorted(float(_const(q.inputs[1])) for q in _nodes(once, "QuantizeLinear"))
+    scales_twice = sorted(float(_const(q.inputs[1])) for q in _nodes(twice, "QuantizeLinear"))
+    assert scales_once == scales_twice
+    feed = _samples(proto, 1, seed=5)[0]
+    a = runtime.run(runtime.session(once), feed)["output"]
+    b = runtime.run(runtime.session(twice), feed)["output"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_data_and_no_ranges_is_a_usage_error():
+    proto = synthetic.conv_bn_relu_cnn()
+    with pytest.raises(UsageError, match="no calibration data"):
+        quantize(_ir(proto), None)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_quantize_end_to_end(tmp_path):
+    proto = synthetic.residual_cnn()
+    src = tmp_path / "model.onnx"
+    onnx.save(proto, src)
+    before = src.read_bytes()
+    np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 8))
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "zenith_onnx", "quantize", str(src), "-o", str(out), "--data",
+         str(tmp_path / "calib.npz"), "--report", str(report)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "QLinearConv" in proc.stdout and "SQNR" in proc.stdout
+    assert src.read_bytes() == before
+    import json
+
+    data = json.loads(report.read_text())
+    assert data["accuracy"]["sqnr_db"] > 25
+    assert data["fusion"]["integer_ops"]["QLinearConv"] == 8
+    onnx.checker.check_model(onnx.load(out), full_check=True)

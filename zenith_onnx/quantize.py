@@ -1,0 +1,310 @@
+"""The quantize pipeline: fold, calibrate, insert Q/DQ, clean up, check, report.
+
+``quantize(model, data=...)`` returns a QDQ model that onnxruntime's CPU execution
+provider turns into integer kernels, and a report: what was quantized, what stayed
+float and why, the opset changes made, the time of each step, onnxruntime's fused-op
+counts and the accuracy of the QDQ model against the float model on the calibration data
+(per output SQNR and max error, and the worst layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from zenith_onnx.errors import UsageError
+from zenith_onnx.passes import build_pipeline
+from zenith_onnx.passes.insert_qdq import FROZEN_QPARAMS, InsertQDQPass, plan_quantization
+from zenith_onnx.passes.strip_qdq import StripQDQPass
+from zenith_onnx.qconfig import QuantConfig
+
+__all__ = ["QuantizeResult", "quantize", "quantize_file"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_SAMPLES = 16
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: ir.Model
+    float_model: ir.Model
+    report: dict
+
+    def format(self) -> str:
+        return format_report(self.report)
+
+
+def _load_ranges(ranges) -> dict[str, tuple[float, float]]:
+    if ranges is None:
+        return {}
+    if isinstance(ranges, (str, os.PathLike)):
+        from zenith_onnx.ranges import Ranges
+
+        ranges = Ranges.load(ranges)
+    tensors = getattr(ranges, "tensors", ranges)
+    out = {}
+    for name, r in tensors.items():
+        lo, hi = (r.min, r.max) if hasattr(r, "min") else (r["min"], r["max"]) if isinstance(r, Mapping) else r
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+def quantize(
+    model: ir.Model,
+    data=None,
+    *,
+    ranges=None,
+    config: QuantConfig | None = None,
+    report_samples: int = REPORT_SAMPLES,
+    check_fusion: bool = True,
+) -> QuantizeResult:
+    """Quantize a float (or partly quantized) model. ``model`` is not modified.
+
+    data: calibration data (.npz path, iterable of feed dicts, or a CalibrationDataReader);
+    ranges: a ranges JSON path / `Ranges` / ``{name: (min, max)}`` instead of data.
+    """
+    config = config or QuantConfig()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t = time.perf_counter()
+    model = model.clone()
+
+    needed_opset, why = (21, "16-bit activations need QuantizeLinear-21") if config.activation_bits == 16 else (
+        13, "per-channel DequantizeLinear (axis) needs opset 13") if config.per_channel else (10, "QuantizeLinear needs opset 10")
+    from zenith_onnx.opset import ensure_opset
+
+    model, note = ensure_opset(model, needed_opset, why)
+    if note:
+        notes.append(note)
+
+    strip = StripQDQPass()
+    strip(model)
+    if strip.report.get("frozen_activations") or strip.report.get("frozen_weights"):
+        notes.append(
+            f"kept the existing quantization of {strip.report['frozen_activations']} activation(s) and "
+            f"{strip.report['frozen_weights']} weight(s) (model already carried Q/DQ)"
+        )
+    optimize = build_pipeline(["lift_constants", "fold_batchnorm", "cleanup"])
+    optimize(model)
+    timings["fold"] = time.perf_counter() - t
+    float_model = model.clone()
+    _drop_meta(float_model)
+
+    t = time.perf_counter()
+    plan = plan_quantization(model, config)
+    observe = plan.observe_names()
+    known = _load_ranges(ranges)
+    if data is not None and observe:
+        from zenith_onnx.calibration import calibrate
+
+        calibrated = calibrate(
+            model, data, tensors=observe, method=config.method, percentile=config.percentile,
+            activation_bits=config.activation_bits,
+        )
+        known.update(_load_ranges(calibrated))
+    elif data is None and ranges is None and observe:
+        frozen = sum(1 for v in plan.groups.parent if FROZEN_QPARAMS in v.meta)
+        if not frozen:
+            raise UsageError("no calibration data: give --data CALIB.npz or --ranges RANGES.json")
+        notes.append(f"no calibration data: {len(observe)} tensor(s) without a frozen range stay float")
+    missing = [n for n in observe if n not in known]
+    if missing and (data is not None or ranges is not None):
+        notes.append(f"{len(missing)} tensor(s) have no range and stay float: {', '.join(missing[:5])}"
+                     + (" ..." if len(missing) > 5 else ""))
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    insert = InsertQDQPass(known, config, plan)
+    insert(model)
+    build_pipeline(["cleanup"])(model)
+    timings["insert_qdq"] = time.perf_counter() - t
+
+    report = {
+        "config": dataclasses.asdict(config),
+        "notes": notes,
+        **insert.report,
+        "timings_s": timings,
+    }
+    if check_fusion:
+        t = time.perf_counter()
+        report["fusion"] = _fusion(model)
+        timings["fusion_check"] = time.perf_counter() - t
+    if data is not None and report_samples:
+        t = time.perf_counter()
+        report["accuracy"] = accuracy_report(float_model, model, data, insert.tensor_map, report_samples)
+        timings["accuracy_report"] = time.perf_counter() - t
+    return QuantizeResult(model, float_model, report)
+
+
+def _drop_meta(model: ir.Model) -> None:
+    for v in model.graph.initializers.values():
+        v.meta.pop(FROZEN_QPARAMS, None)
+
+
+def _fusion(model: ir.Model) -> dict:
+    try:
+        from zenith_onnx.fusion import fusion_report
+    except ImportError:  # pragma: no cover - fusion.py ships with the package
+        return {}
+    return fusion_report(model).to_dict()
+
+
+def _feeds(data, model: ir.Model, limit: int) -> list[dict[str, np.ndarray]]:
+    from zenith_onnx.calibration_data import as_feeds
+
+    feeds = []
+    for feed in as_feeds(data, model):
+        feeds.append(feed)
+        if len(feeds) >= limit:
+            break
+    return feeds
+
+
+def accuracy_report(
+    float_model: ir.Model,
+    qdq_model: ir.Model,
+    data,
+    tensor_map: Mapping[str, str],
+    samples: int = REPORT_SAMPLES,
+    worst: int = 5,
+) -> dict:
+    """SQNR and max error per output, and the per-layer SQNR of the worst layers.
+
+    Layers compare the float model's tensor with the dequantized tensor of the QDQ model
+    (``tensor_map``: float name -> DQ output name), so a layer's figure includes the error
+    accumulated before it.
+    """
+    from zenith_onnx import runtime
+    from zenith_onnx.testing import sqnr_db
+
+    feeds = _feeds(data, float_model, samples)
+    outputs = [o.name for o in float_model.graph.outputs]
+    layer_pairs = [(f, q) for f, q in tensor_map.items()]
+    f_model = _with_outputs(float_model, [f for f, _ in layer_pairs])
+    q_model = _with_outputs(qdq_model, [q for _, q in layer_pairs])
+    f_sess = runtime.session(f_model, "disable_all")
+    q_sess = runtime.session(q_model, "disable_all")
+    ref: dict[str, list] = {}
+    got: dict[str, list] = {}
+    for feed in feeds:
+        a = runtime.run(f_sess, feed)
+        b = runtime.run(q_sess, feed)
+        for name in outputs:
+            ref.setdefault(name, []).append(a[name])
+            got.setdefault(name, []).append(b[name])
+        for f, q in layer_pairs:
+            ref.setdefault(f"layer:{f}", []).append(a[f])
+            got.setdefault(f"layer:{f}", []).append(b[q])
+    per_output = {}
+    for name in outputs:
+        r = np.concatenate([x.ravel() for x in ref[name]]).astype(np.float64)
+        g = np.concatenate([x.ravel() for x in got[name]]).astype(np.float64)
+        per_output[name] = {"sqnr_db": _finite(sqnr_db(r, g)), "max_abs_error": float(np.max(np.abs(r - g))) if r.size else 0.0}
+    layers = []
+    for f, _ in layer_pairs:
+        key = f"layer:{f}"
+        layers.append({"tensor": f, "sqnr_db": _finite(sqnr_db(ref[key], got[key]))})
+    layers.sort(key=lambda x: x["sqnr_db"])
+    total_ref = [x for name in outputs for x in ref[name]]
+    total_got = [x for name in outputs for x in got[name]]
+    return {
+        "samples": len(feeds),
+        "sqnr_db": _finite(sqnr_db(total_ref, total_got)),
+        "outputs": per_output,
+        "worst_layers": layers[:worst],
+    }
+
+
+def _finite(x: float) -> float:
+    return float(x) if np.isfinite(x) else (999.0 if x > 0 else -999.0)
+
+
+def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """A copy of ``model`` that also outputs ``names`` (values of the main graph)."""
+    copy = model.clone()
+    values = {}
+    for node in copy.graph:
+        for out in node.outputs:
+            values[out.name] = out
+    present = {o.name for o in copy.graph.outputs}
+    for name in names:
+        if name in present or name not in values:
+            continue
+        copy.graph.outputs.append(values[name])
+        present.add(name)
+    return copy
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(report.get("quantized_ops", {}).items()))
+    lines.append(f"quantized: {ops or 'nothing'}; {report.get('absorbed_activations', 0)} activation(s) absorbed")
+    for item in report.get("left_float", []):
+        lines.append(f"float: {item['op']} {item['node']}: {item['reason']}")
+    fusion = report.get("fusion") or {}
+    if fusion:
+        integer = ", ".join(f"{op} {n}" for op, n in sorted(fusion.get("integer_ops", {}).items()))
+        lines.append(f"onnxruntime fused: {integer or 'nothing'}")
+        leftovers = fusion.get("float_ops_fed_by_dq", {})
+        if leftovers:
+            lines.append("float ops still fed by DequantizeLinear: " + ", ".join(f"{op} {len(v) if isinstance(v, list) else v}" for op, v in sorted(leftovers.items())))
+    acc = report.get("accuracy")
+    if acc:
+        lines.append(f"accuracy on {acc['samples']} calibration sample(s): SQNR {acc['sqnr_db']:.1f} dB")
+        for name, o in acc["outputs"].items():
+            lines.append(f"  output {name}: SQNR {o['sqnr_db']:.1f} dB, max |error| {o['max_abs_error']:.4g}")
+        if acc["worst_layers"]:
+            lines.append("  worst layers: " + ", ".join(f"{x['tensor']} {x['sqnr_db']:.1f} dB" for x in acc["worst_layers"]))
+    times = ", ".join(f"{k} {v:.2f} s" for k, v in report.get("timings_s", {}).items())
+    lines.append(f"time: {times}")
+    return "\n".join(lines)
+
+
+def quantize_file(
+    model_path,
+    output_path,
+    *,
+    data=None,
+    ranges=None,
+    config: QuantConfig | None = None,
+    report_path=None,
+) -> QuantizeResult:
+    """CLI entry: load, quantize, save atomically, print the report."""
+    from zenith_onnx.modelio import atomic_output, load_model, save_model
+
+    if data is None and ranges is None:
+        data_hint = None
+    else:
+        data_hint = data
+    model = load_model(model_path)
+    if data_hint is not None:
+        from zenith_onnx.calibration_data import load_npz
+
+        data_hint = load_npz(data_hint, model)
+    result = quantize(model, data_hint, ranges=ranges, config=config)
+    save_model(result.model, output_path)
+    if report_path:
+        with atomic_output(report_path) as tmp:
+            Path(tmp).write_text(json.dumps(result.report, indent=2, default=_json_default))
+    print(result.format())
+    print(f"{model_path} -> {output_path}")
+    return result
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
