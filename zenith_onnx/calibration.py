@@ -1,0 +1,263 @@
+"""Calibration: observe activation ranges on sample data, one batch at a time.
+
+`calibrate` copies the model, runs the ``observe`` pass on the copy (the tensors to
+observe become graph outputs), runs the copy in onnxruntime at ``ORT_DISABLE_ALL`` (the
+activations of the unoptimized float graph, names intact) and feeds each returned
+activation to its observer before dropping it. Memory holds one batch of activations
+plus a fixed-size state per tensor (see `zenith_onnx.observers`), whatever the number of
+samples.
+
+The result is `Ranges` (`zenith_onnx.ranges`): ``ranges.tensors[name].min / .max``.
+Tensors that never received a value, or whose values were all equal, get a safe range
+(`ranges.safe_range`) and a warning naming them. NaN or Inf in an activation stops
+calibration with a `DataError` naming the tensor, its producer and the samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from zenith_onnx import runtime
+from zenith_onnx.calibration_data import Feeds, as_feeds
+from zenith_onnx.errors import DataError, UsageError
+from zenith_onnx.observers import NonFiniteValuesError, Observer, observer_for
+from zenith_onnx.passes.observe import ObservePass
+from zenith_onnx.qconfig import CALIBRATION_METHODS
+from zenith_onnx.ranges import Ranges, safe_range
+
+__all__ = ["calibrate", "calibrate_file", "observer_for"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_ORT_TYPES = {"tensor(float)", "tensor(float16)", "tensor(double)"}
+_ORT_RUN_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+)
+
+
+def _check_options(method: str, percentile: float, activation_bits: int) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown calibration method '{method}' (choose from {', '.join(CALIBRATION_METHODS)})")
+    if not 50.0 < percentile <= 100.0:
+        raise UsageError(f"percentile must be in (50, 100], got {percentile}")
+    if isinstance(activation_bits, bool) or not isinstance(activation_bits, int) or not 2 <= activation_bits <= 16:
+        raise UsageError(f"activation bits must be an integer from 2 to 16, got {activation_bits!r}")
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int | None, enabled: bool | None):
+    """A tqdm bar on stderr when it is a terminal (or when asked); a no-op otherwise."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    bar = None
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            logger.debug("tqdm is not installed; no progress bar")
+        else:
+            bar = tqdm(total=total, unit="sample", desc="calibrating", file=sys.stderr, leave=False)
+    try:
+        yield (bar.update if bar is not None else (lambda n: None))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class _Observation:
+    """Observers by tensor name, and where each tensor comes from (for error messages)."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], make_observer):
+        self.observers: dict[str, Observer] = {name: make_observer() for name in names}
+        self._producers = {v.name: node for node in model.graph for v in node.outputs if v.name in self.observers}
+
+    def feed(self, name: str, array: np.ndarray, span: tuple[int, int]) -> None:
+        try:
+            self.observers[name].observe(array)
+        except NonFiniteValuesError as e:
+            node = self._producers.get(name)
+            origin = f" (output of node '{node.name}', {node.op_type})" if node is not None else ""
+            raise DataError(
+                f"activation '{name}'{origin} has {e} in sample{'s' if span[1] - span[0] > 1 else ''} "
+                f"{span[0]}{f'..{span[1] - 1}' if span[1] - span[0] > 1 else ''}; "
+                "the float model produces non-finite values on this data"
+            ) from None
+
+
+def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Observation, inputs: list[str], progress):
+    samples = 0
+    with _progress_bar(feeds.count, progress) as advance:
+        try:
+            for feed in feeds:
+                span = feeds.span
+                try:
+                    values = session.run(outputs, feed)
+                except _ORT_RUN_ERRORS as e:
+                    message = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+                    raise DataError(
+                        f"onnxruntime failed on calibration samples {span[0]}..{span[1] - 1}: {message}"
+                    ) from None
+                for name, value in zip(outputs, values):
+                    observation.feed(name, value, span)
+                del values
+                for name in inputs:
+                    observation.feed(name, feed[name], span)
+                samples += span[1] - span[0]
+                advance(span[1] - span[0])
+        finally:
+            feeds.close()
+    return samples
+
+
+def _finish(observation: _Observation, method: str) -> Ranges:
+    ranges = Ranges(method)
+    never, constant = [], []
+    for name, observer in observation.observers.items():
+        if observer.count == 0:
+            never.append(name)
+            lo = hi = 0.0
+        else:
+            lo, hi = observer.compute_range()
+        ranges.tensors[name], widened = safe_range(lo, hi)
+        if widened and observer.count:
+            constant.append(name)
+    if never:
+        logger.warning(
+            "%d tensor(s) received no values (empty on every sample); given the safe range [%g, %g]: %s",
+            len(never), ranges.tensors[never[0]].min, ranges.tensors[never[0]].max, _names(never),
+        )
+    if constant:
+        logger.warning(
+            "%d tensor(s) are constant on the calibration data; their ranges were widened to include 0: %s",
+            len(constant), _names(constant),
+        )
+    return ranges
+
+
+def _calibrate(
+    model: ir.Model,
+    data,
+    tensors: Sequence[str] | None,
+    *,
+    method: str,
+    percentile: float,
+    activation_bits: int,
+    batch_size: int,
+    progress: bool | None,
+    threads: int,
+) -> tuple[Ranges, int]:
+    _check_options(method, percentile, activation_bits)
+    if not isinstance(model, ir.Model):
+        raise TypeError(f"expected an onnx_ir.Model, got {type(model).__name__}")
+    feeds = as_feeds(data, model, batch_size)
+    try:
+        observed = model.clone()
+        plan = ObservePass(tensors)
+        plan(observed)
+        session = runtime.session(observed, "disable_all", threads=threads)
+        types = {o.name: o.type for o in session.get_outputs()}
+        outputs = [n for n in plan.outputs if tensors is not None or types.get(n) in _FLOAT_ORT_TYPES]
+        dropped = len(plan.outputs) - len(outputs)
+        if dropped:
+            logger.debug("%d tensors of unknown type turned out not to be float; not observed", dropped)
+        names = [*outputs, *plan.inputs, *plan.constants]
+        observation = _Observation(
+            observed, names, lambda: observer_for(method, percentile=percentile, bits=activation_bits)
+        )
+        if plan.constants:
+            graph = observed.graph
+            values = {v.name: v for v in (*graph.initializers.values(), *(o for n in graph for o in n.outputs))}
+            for name in plan.constants:
+                observation.feed(name, _constant_array(values[name]), (0, 0))
+        samples = _run_observed(session, outputs, feeds, observation, plan.inputs, progress)
+    finally:
+        feeds.close()
+    ranges = _finish(observation, method)
+    ranges.skipped = dict(plan.skipped)
+    return ranges, samples
+
+
+def _constant_array(value: ir.Value) -> np.ndarray:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    return value.producer().attributes["value"].as_tensor().numpy()
+
+
+def calibrate(
+    model: ir.Model,
+    data,
+    tensors: Sequence[str] | None = None,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    activation_bits: int = 8,
+    batch_size: int = 1,
+    progress: bool | None = None,
+    threads: int = 1,
+) -> Ranges:
+    """Observe activation ranges of ``model`` on ``data``; the model is not changed.
+
+    ``data``: an ``.npz`` path, a dict of stacked arrays, an iterable of feed dicts or an
+    object with ``get_next()`` (see `zenith_onnx.calibration_data`). ``tensors``: names to
+    observe (default: inputs and outputs of the ops in
+    `zenith_onnx.passes.observe.DEFAULT_OBSERVED_OPS`). ``method``: one of
+    `qconfig.CALIBRATION_METHODS`; ``percentile`` is used by "percentile" and
+    ``activation_bits`` by "entropy" and "mse". ``batch_size`` samples run per
+    onnxruntime call (axis 0 must be symbolic). ``progress``: a tqdm bar (default: when
+    stderr is a terminal). ``threads``: onnxruntime intra-op threads.
+    """
+    return _calibrate(
+        model, data, tensors, method=method, percentile=percentile, activation_bits=activation_bits,
+        batch_size=batch_size, progress=progress, threads=threads,
+    )[0]
+
+
+def calibrate_file(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    activation_bits: int = 8,
+    batch_size: int = 1,
+    threads: int = 1,
+) -> Ranges:
+    """`calibrate` a model file on an ``.npz`` and write the ranges JSON atomically;
+    prints a one-line summary."""
+    from zenith_onnx.modelio import load_model
+
+    out = Path(out_path).resolve()
+    for given in (model_path, data_path):
+        if out == Path(given).resolve():
+            raise UsageError(f"{out_path}: the output would overwrite the input '{given}'; choose another path")
+    _check_options(method, percentile, activation_bits)
+    model = load_model(model_path)
+    start = time.perf_counter()
+    ranges, samples = _calibrate(
+        model, data_path, None, method=method, percentile=percentile, activation_bits=activation_bits,
+        batch_size=batch_size, progress=None, threads=threads,
+    )
+    ranges.save(out_path)
+    print(
+        f"{model_path}: {len(ranges.tensors)} tensor ranges ({method}) from {samples} samples "
+        f"in {time.perf_counter() - start:.2f} s -> {out_path}"
+    )
+    return ranges
