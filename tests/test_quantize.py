@@ -35,16 +35,18 @@ def _const(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy()
 
 
-def _gemm_model(w: np.ndarray, b: np.ndarray, relu: bool = False) -> onnx.ModelProto:
-    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], name="gemm", transB=1)]
+def _gemm_model(w: np.ndarray, b: np.ndarray, relu: bool = False, trans_b: int = 1) -> onnx.ModelProto:
+    """y = x @ W^T + B (transB=1, W is (out, in)) or x @ W + B (transB=0, W is (in, out))."""
+    n_out, n_in = w.shape if trans_b else w.shape[::-1]
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], name="gemm", transB=trans_b)]
     if relu:
         nodes.append(helper.make_node("Relu", ["g"], ["y"], name="relu"))
     else:
         nodes[0].output[0] = "y"
     graph = helper.make_graph(
         nodes, "gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n_out])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -95,8 +97,7 @@ def test_gemm_axis_follows_transB_and_matmul_uses_last_axis():
 
     w = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
     for trans_b, weight in ((1, w), (0, w.T.copy())):
-        p = _gemm_model(weight, np.zeros(5, np.float32))
-        p.graph.node[0].attribute[0].i = trans_b
+        p = _gemm_model(weight, np.zeros(5, np.float32), trans_b=trans_b)
         q = quantize(_ir(p), _samples(p, 2), check_fusion=False, report_samples=0).model
         dq = _nodes(q, "Gemm")[0].inputs[1].producer()
         assert dq.attributes["axis"].as_int() == (0 if trans_b else 1)
@@ -208,13 +209,14 @@ def test_sqnr_of_synthetic_models(name):
 
 
 def test_sqnr_at_least_onnxruntime_quantizer():
+    """Same model, same calibration samples, MinMax both: ours (defaults) >= onnxruntime (defaults)."""
     ort_quant = pytest.importorskip("onnxruntime.quantization")
     import tempfile
     from pathlib import Path
 
     proto = synthetic.residual_cnn()
     samples = _samples(proto, 8)
-    test = _samples(proto, 4, seed=7)
+    test = _samples(proto, 32, seed=7)  # enough samples that 0.5 dB is not noise
     ours = quantize(_ir(proto), samples, check_fusion=False, report_samples=0).model
 
     class Reader(ort_quant.CalibrationDataReader):

@@ -188,7 +188,8 @@ def accuracy_report(
 
     feeds = _feeds(data, float_model, samples)
     outputs = [o.name for o in float_model.graph.outputs]
-    layer_pairs = [(f, q) for f, q in tensor_map.items()]
+    f_produced, q_produced = _produced(float_model), _produced(qdq_model)
+    layer_pairs = [(f, q) for f, q in tensor_map.items() if f in f_produced and q in q_produced]
     f_model = _with_outputs(float_model, [f for f, _ in layer_pairs])
     q_model = _with_outputs(qdq_model, [q for _, q in layer_pairs])
     f_sess = runtime.session(f_model, "disable_all")
@@ -228,13 +229,15 @@ def _finite(x: float) -> float:
     return float(x) if np.isfinite(x) else (999.0 if x > 0 else -999.0)
 
 
+def _produced(model: ir.Model) -> dict[str, ir.Value]:
+    """Values produced by nodes of the main graph, by name."""
+    return {out.name: out for node in model.graph for out in node.outputs}
+
+
 def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
     """A copy of ``model`` that also outputs ``names`` (values of the main graph)."""
     copy = model.clone()
-    values = {}
-    for node in copy.graph:
-        for out in node.outputs:
-            values[out.name] = out
+    values = _produced(copy)
     present = {o.name for o in copy.graph.outputs}
     for name in names:
         if name in present or name not in values:
