@@ -274,10 +274,15 @@ def _quantile(counts: np.ndarray, origin: float, width: float, q: float) -> floa
     ``q (n - 1)``), interpolated linearly inside the bin that holds that rank."""
     cumulative = np.cumsum(counts)
     rank = q * (int(cumulative[-1]) - 1)
-    j = min(int(np.searchsorted(cumulative, rank, side="right")), counts.size - 1)
-    before = int(cumulative[j - 1]) if j else 0
-    inside = (rank - before + 0.5) / counts[j] if counts[j] else 0.5
-    return origin + (j + min(max(inside, 0.0), 1.0)) * width
+    below = math.floor(rank)
+
+    def value_at(k: int) -> float:  # the k-th smallest value, placed evenly inside its bin
+        j = min(int(np.searchsorted(cumulative, k, side="right")), counts.size - 1)
+        before = int(cumulative[j - 1]) if j else 0
+        return origin + (j + (k - before + 0.5) / max(int(counts[j]), 1)) * width
+
+    lo = value_at(below)
+    return lo + (rank - below) * (value_at(below + 1) - lo) if rank > below else lo
 
 
 class PercentileObserver(HistogramObserver):
