@@ -108,13 +108,15 @@ def _check_keys(keys: Iterable[str], specs: list[InputSpec], where: str) -> None
         )
 
 
-def _check_sample_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str, what: str) -> None:
+def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
+    """Same rank, and every static dim equal (symbolic dims take any size)."""
+    return len(shape) == len(dims) and all(d is None or d == s for d, s in zip(dims, shape))
+
+
+def _check_sample_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str) -> None:
     """``shape`` of one feed must match the input's rank and static dims."""
-    if spec.shape is None:
-        return
-    bad = len(shape) != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, shape))
-    if bad:
-        raise DataError(f"{where}: input '{name}' has {what} {_shape_text(shape)}, the model expects {spec.describe()}")
+    if spec.shape is not None and not _fits(shape, spec.shape):
+        raise DataError(f"{where}: input '{name}' has shape {_shape_text(shape)}, the model expects {spec.describe()}")
 
 
 class _Caster:
@@ -145,10 +147,12 @@ class _Caster:
         ``first_sample`` (else the whole array is that one sample)."""
         want = self.spec.dtype
         self.check_dtype(array.dtype)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            self._report_non_finite(array, first_sample, rows_are_samples, None)
         if want is not None and array.dtype != want:
             array = self._cast(array, want)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            self._report_non_finite(array, first_sample, rows_are_samples)
+            if want.kind == "f" and not np.isfinite(array).all():
+                self._report_non_finite(array, first_sample, rows_are_samples, f"values too large for {want}")
         return array
 
     def _cast(self, array: np.ndarray, want: np.dtype) -> np.ndarray:
@@ -159,19 +163,20 @@ class _Caster:
             if not self.warned:
                 logger.warning("%s: input '%s' is %s, cast to the model's %s", self.where, name, array.dtype, want)
                 self.warned = True
-            return array.astype(want)
+            with np.errstate(over="ignore"):
+                return array.astype(want)
         cast = array.astype(want)
         if not np.array_equal(cast.astype(array.dtype), array):
             raise DataError(f"{self.where}: input '{name}' is {array.dtype} with values that {want} cannot hold exactly")
         return cast
 
-    def _report_non_finite(self, array: np.ndarray, first_sample: int, rows_are_samples: bool) -> None:
+    def _report_non_finite(self, array: np.ndarray, first_sample: int, rows_are_samples: bool, what: str | None):
         sample, part = first_sample, array
         if rows_are_samples and array.ndim:
             row = int(np.argmax(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)))
             sample, part = first_sample + row, array[row]
-        kind = "NaN" if np.isnan(part).any() else "Inf"
-        raise DataError(f"{self.where}: input '{self.spec.name}' has {kind} values in sample {sample}")
+        what = what or ("NaN values" if np.isnan(part).any() else "Inf values")
+        raise DataError(f"{self.where}: input '{self.spec.name}' has {what} in sample {sample}")
 
 
 # ------------------------------------------------------------------ stacked arrays (npz)
@@ -288,16 +293,19 @@ class CalibrationData:
             raise DataError(f"{where}: no samples (axis 0 has length 0)")
 
     def _layout(self, spec: InputSpec, shape: tuple[int, ...]) -> bool:
+        """True when a row is one feed, False when a row lacks the batch axis of 1."""
         row = shape[1:]
-        if spec.shape is None or len(row) == len(spec.shape):
-            _check_sample_shape(spec.name, row, spec, self.where, "samples of shape")
+        if spec.shape is None:
             return True
-        if spec.batch_of_one and len(row) == len(spec.shape) - 1:
-            _check_sample_shape(spec.name, (1, *row), spec, self.where, "samples of shape")
+        if len(row) == len(spec.shape) and _fits(row, spec.shape):
+            return True
+        if spec.batch_of_one and len(row) == len(spec.shape) - 1 and _fits(row, spec.shape[1:]):
             return False
+        dims = ["?" if d is None else str(d) for d in spec.shape]
+        stacked = f"(N, {', '.join(dims)})" + (f" or (N, {', '.join(dims[1:])})" if spec.batch_of_one else "")
         raise DataError(
-            f"{self.where}: input '{spec.name}' has shape {_shape_text(shape)}: expected (N, *{spec.describe()})"
-            + (f" or (N, *{spec.describe()}[1:])" if spec.batch_of_one else "")
+            f"{self.where}: input '{spec.name}' has shape {_shape_text(shape)}; the model expects "
+            f"{spec.describe()}, so the array should be {stacked}"
         )
 
     def feeds(self, batch_size: int = 1) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
@@ -431,7 +439,7 @@ def _iterable_batches(items: Iterable, specs_all: list[InputSpec], batch_size: i
         casters[name].check_dtype(array.dtype)
         if spec.shape is not None and array.ndim == len(spec.shape) - 1 and spec.batch_of_one:
             array = array[None]
-        _check_sample_shape(name, array.shape, spec, f"{where} sample {sample}", "shape")
+        _check_sample_shape(name, array.shape, spec, f"{where} sample {sample}")
         return casters[name](array, sample, rows_are_samples=False)
 
     def flush(first: int):
