@@ -33,8 +33,10 @@ class QATConfig:
     - ``signed_activations``: int8 instead of uint8 activations. uint8 is the default:
       onnxruntime's x86 kernels fuse it everywhere, and int8 activations followed by a
       Reshape break onnxruntime 1.32 at ``ORT_ENABLE_EXTENDED`` (bug B1 in the notes).
-    - ``learn_activation_scales``: LSQ: after calibration, activation scales are trained
-      parameters (zero points stay frozen). Otherwise the calibrated scales are frozen.
+    - ``learn_activation_scales``: LSQ: after calibration each activation scale trains as
+      ``s0 * exp(log_gain)`` (``log_gain`` a parameter starting at 0, so training starts
+      from the calibrated scale; zero points stay frozen). Otherwise the calibrated scales
+      are frozen.
     - ``observe_steps``: the torch stage's activation observers record this many training
       forward passes, then freeze their ranges (0: record until `calibrate_qat`,
       `freeze_activation_ranges` or `export_qat` freezes them).

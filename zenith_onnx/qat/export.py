@@ -38,9 +38,9 @@ from torch import nn
 from zenith_onnx import kernels, modelio, runtime
 from zenith_onnx.errors import UsageError
 from zenith_onnx.qat.fake_quant import ActivationFakeQuantize, fake_quant_onnx
-from zenith_onnx.qat.torch_qat import QAT_LAYERS, QATConv2d, freeze_activation_ranges, quantizers
+from zenith_onnx.qat.torch_qat import QAT_LAYERS, QATConv2d, freeze_activation_ranges, qat_config, quantizers
 
-__all__ = ["OPSET", "METADATA_KEY", "to_deploy", "export_qat", "ExportCheck", "verify_export", "count_ops"]
+__all__ = ["OPSET", "METADATA_KEY", "to_deploy", "export_qat", "ExportCheck", "verify_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _name_quantizers(model: ir.Model) -> dict[str, str]:
 
 
 def _metadata(deploy: nn.Module, model: ir.Model, dequantized: dict[str, str]) -> str:
-    config = getattr(deploy, "qat_config", None)
+    config = qat_config(deploy)
     entries = {}
     for fqn, q in quantizers(deploy).items():
         if f"{fqn}.scale" not in model.graph.initializers:
@@ -263,11 +263,3 @@ def verify_export(model: nn.Module, onnx_model: ir.Model | str | os.PathLike, in
                          "exact": float(np.mean(diff == 0))}
     return ExportCheck(activations, outputs)
 
-
-def count_ops(model: ir.Model) -> dict[str, int]:
-    """``{op_type: count}`` over a model's main graph (``domain::op`` outside ai.onnx)."""
-    counts: dict[str, int] = {}
-    for node in model.graph:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -30,6 +30,7 @@ from `zenith_onnx.kernels.scale_zero_point`.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -49,9 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_TINY = float(np.finfo(np.float32).tiny)
-
 
 def _broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: list[int], axis: int | None):
     if axis is None:
@@ -246,10 +244,12 @@ class ActivationFakeQuantize(_FakeQuantizeBase):
         self.observe_steps = config.observe_steps
         self.calibrating = False
         self.steps = 0
-        if self.learn_scale:
-            # A Parameter from the start, so an optimizer built after prepare_qat sees it.
-            del self.scale
-            self.scale = nn.Parameter(torch.ones(()))
+        self._warned = False
+        # LSQ learns the scale in the log domain, s = s0 * exp(log_gain), as TQT does: it
+        # stays positive whatever the step size, steps are relative to the scale, and
+        # s == s0 (the kernel's value) exactly until training moves it. A Parameter from
+        # the start, so an optimizer built after prepare_qat sees it.
+        self.log_gain = nn.Parameter(torch.zeros(())) if self.learn_scale else None
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -281,16 +281,16 @@ class ActivationFakeQuantize(_FakeQuantizeBase):
                      float(self.min_val), float(self.max_val), float(self.scale), self.zero_point[0])
 
     def effective_scale(self) -> torch.Tensor:
-        """The scale the op uses: a learned scale is kept positive."""
-        return self.scale.clamp_min(_TINY) if isinstance(self.scale, nn.Parameter) else self.scale
+        """The scale the op uses (with LSQ, the calibrated scale times the learned gain)."""
+        return self.scale if self.log_gain is None else self.scale * torch.exp(self.log_gain)
 
     def make_constant(self) -> None:
-        """Turn a learned scale into a buffer holding the value the op uses (for export:
-        the scale becomes a plain initializer, not a Clip on a parameter)."""
-        if isinstance(self.scale, nn.Parameter):
-            value = self.effective_scale().detach().clone()
-            del self.scale
-            self.register_buffer("scale", value)
+        """Fold a learned gain into the ``scale`` buffer (for export: the scale becomes a
+        plain initializer holding exactly the value the op used)."""
+        if self.log_gain is not None:
+            with torch.no_grad():
+                self.scale.copy_(self.effective_scale())
+            self.log_gain = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
@@ -299,6 +299,14 @@ class ActivationFakeQuantize(_FakeQuantizeBase):
             self.observe(x)
             if self.training and not self.calibrating and self.observe_steps and self.steps >= self.observe_steps:
                 self.freeze()
+        elif not self._warned:
+            warnings.warn(
+                f"activation quantizer '{self.label}' has no frozen range yet, so this eval "
+                "forward is not quantized there: run calibrate_qat or training steps first",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._warned = True
         return x
 
     def get_extra_state(self) -> dict[str, Any]:

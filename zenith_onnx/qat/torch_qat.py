@@ -61,6 +61,7 @@ __all__ = [
     "freeze_activation_ranges",
     "freeze_bn_stats",
     "quantizers",
+    "qat_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,11 +181,11 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Conv2d) -> fx.Node | None:
     """The BatchNorm2d node that is the conv output's only consumer, when it can be folded."""
     users = list(conv_node.users)
-    if len(users) != 1:
-        return None
-    bn_node = users[0]
-    bn = _module(gm, bn_node)
+    bn_node = users[0] if len(users) == 1 else None
+    bn = _module(gm, bn_node) if bn_node is not None else None
     if not isinstance(bn, nn.BatchNorm2d) or bn_node.args[:1] != (conv_node,):
+        logger.debug("%s: no BatchNorm2d to fold (its output has %d consumers, the first %s)",
+                     conv_node.target, len(users), users[0].format_node() if users else None)
         return None
     if not (bn.affine and bn.track_running_stats) or bn.num_features != conv.out_channels:
         logger.debug("not folding %s into %s: BatchNorm without affine parameters or running stats, "
@@ -199,8 +200,6 @@ def _replace_layers(gm: fx.GraphModule, config: QATConfig) -> list[fx.Node]:
         if node in erased:
             continue
         module = _module(gm, node)
-        if isinstance(module, QAT_LAYERS) or isinstance(module, ActivationFakeQuantize):
-            raise UsageError("the module is already prepared for QAT (prepare_qat was called on it)")
         if type(module) is nn.Conv2d:
             bn_node = _fusable_bn(gm, node, module)
             bn = _module(gm, bn_node) if bn_node is not None else None
@@ -214,12 +213,19 @@ def _replace_layers(gm: fx.GraphModule, config: QATConfig) -> list[fx.Node]:
         elif type(module) is nn.Linear:
             _set_module(gm, node.target, QATLinear(module, config))
             layers.append(node)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            logger.debug("%s: %s is a subclass of Conv2d/Linear; left float", node.target, type(module).__name__)
     return layers
 
 
 class _Quantizers(nn.Module):
     """Container of the activation quantizers, one per quantized tensor, keyed by the fx
-    node name of that tensor (``x``, ``features_2``, ...)."""
+    node name of that tensor (``x``, ``features_2``, ...); it also keeps the config
+    (a GraphModule's own attributes do not survive ``copy.deepcopy``)."""
+
+    def __init__(self, config: QATConfig):
+        super().__init__()
+        self.config = config
 
 
 def _insert_quantizer(gm: fx.GraphModule, tensor: fx.Node, config: QATConfig, done: dict) -> None:
@@ -228,6 +234,7 @@ def _insert_quantizer(gm: fx.GraphModule, tensor: fx.Node, config: QATConfig, do
         return
     users = [u for u in tensor.users if u.op != "output"]
     if not users:
+        logger.debug("%s: only a graph output reads it; left float", tensor.name)
         return
     container = gm.get_submodule(ACTIVATION_QUANTIZERS)
     key = tensor.name
@@ -267,6 +274,8 @@ def prepare_qat(module: nn.Module, config: QATConfig | None = None) -> fx.GraphM
     config.check_exportable()
     if not isinstance(module, nn.Module):
         raise UsageError(f"prepare_qat needs a torch.nn.Module, got {type(module).__name__}")
+    if any(isinstance(m, (*QAT_LAYERS, ActivationFakeQuantize, WeightFakeQuantize)) for m in module.modules()):
+        raise UsageError("the module is already prepared for QAT (prepare_qat was called on it)")
     try:
         gm = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as e:  # fx raises many types for untraceable Python
@@ -280,7 +289,7 @@ def prepare_qat(module: nn.Module, config: QATConfig | None = None) -> fx.GraphM
         raise UsageError(f"{type(module).__name__} has no Conv2d or Linear layer to quantize")
     if hasattr(gm, ACTIVATION_QUANTIZERS):
         raise UsageError(f"the module already has an attribute '{ACTIVATION_QUANTIZERS}'")
-    gm.add_module(ACTIVATION_QUANTIZERS, _Quantizers())
+    gm.add_module(ACTIVATION_QUANTIZERS, _Quantizers(config))
     done: dict[fx.Node, fx.Node] = {}
     for node in layers:
         if not node.args or not isinstance(node.args[0], fx.Node):
@@ -293,7 +302,6 @@ def prepare_qat(module: nn.Module, config: QATConfig | None = None) -> fx.GraphM
         _insert_quantizer(gm, output, config, done)
     gm.graph.lint()
     gm.recompile()
-    gm.qat_config = config
     gm.train(module.training)
     logger.debug("prepared %d layers, %d activation quantizers", len(layers),
                  len(list(gm.get_submodule(ACTIVATION_QUANTIZERS).children())))
@@ -309,6 +317,12 @@ def quantizers(model: nn.Module) -> dict[str, nn.Module]:
         name: m for name, m in model.named_modules()
         if isinstance(m, (WeightFakeQuantize, ActivationFakeQuantize))
     }
+
+
+def qat_config(model: nn.Module) -> QATConfig | None:
+    """The config a model was prepared with, or None."""
+    container = getattr(model, ACTIVATION_QUANTIZERS, None)
+    return container.config if isinstance(container, _Quantizers) else None
 
 
 def _activation_quantizers(model: nn.Module) -> list[ActivationFakeQuantize]:
