@@ -184,7 +184,7 @@ def _cmd_inspect(args) -> int:
     if args.fusion:
         from zenith_onnx.fusion import fusion_report
 
-        fusion = fusion_report(model)
+        fusion = fusion_report(args.model)  # onnxruntime reads the user's file as it is
     if args.json:
         import json
 
