@@ -139,19 +139,17 @@ def export_float(net: nn.Module, path: Path) -> None:
 def check_export(net: nn.Module, path: Path) -> None:
     """BN must survive and ORT (no graph optimizations) must agree with torch."""
     import onnx
-    import onnxruntime as ort
+
+    from zenith_onnx.testing import reference_outputs, relative_error
 
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     if ops.count("BatchNormalization") != 4:
         sys.exit(f"{path}: expected 4 BatchNormalization nodes, got ops {ops}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x = torch.rand(1, 1, 8 * UPSAMPLE, 8 * UPSAMPLE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net.eval()(x).numpy()
-    got = sess.run(None, {INPUT_NAME: x.numpy()})[0]
-    err = float(np.abs(ref - got).max() / np.abs(ref).max())
+    got = reference_outputs(str(path), {INPUT_NAME: x.numpy()})["logits"]
+    err = relative_error(ref, got)
     print(f"{path.name}: {len(ops)} nodes ({ops.count('BatchNormalization')} BatchNormalization), "
           f"ORT vs torch relative error {err:.2e}, {path.stat().st_size:,} bytes")
     if err > 1e-5:

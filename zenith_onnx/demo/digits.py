@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -34,15 +33,17 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from zenith_onnx import runtime
+from zenith_onnx import optimize, runtime
+from zenith_onnx.calibration import calibrate
 from zenith_onnx.demo._common import format_table, machine_info, measure_latency, models_dir, plot_panels
 from zenith_onnx.errors import UsageError
-from zenith_onnx.modelio import load_model, save_model
+from zenith_onnx.fusion import fusion_report
+from zenith_onnx.modelio import atomic_output, load_model, save_model
 from zenith_onnx.qconfig import QuantConfig
+from zenith_onnx.quantize import _json_default, quantize
+from zenith_onnx.testing import sqnr_db
 
 __all__ = ["run_demo", "DEFAULT_OUT"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("demo-out") / "digits"
 FLOAT_MODEL, QAT_MODEL = "digits_cnn.onnx", "digits_qat4.onnx"
@@ -85,20 +86,13 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False) -> dict:
     variants = [_Variant("float", "float.onnx", float_model, "exported (BN kept)", "float.onnx")]
     shutil.copyfile(src / FLOAT_MODEL, out / "float.onnx")
 
-    from zenith_onnx import optimize
-
     with _timed(steps, "fold"):
         folded = optimize(float_model.clone())
     variants.append(_Variant("float, BN folded", "float_folded.onnx", folded, "fold", "float.onnx", steps["fold"]))
 
-    from zenith_onnx.calibration import calibrate
-
     with _timed(steps, "calibrate"):
         ranges = calibrate(folded, calib, method="minmax")
-    if hasattr(ranges, "save"):
-        ranges.save(out / "ranges.json")
-
-    from zenith_onnx.quantize import quantize
+    ranges.save(out / "ranges.json")
 
     for name, file, config in (
         ("int8 PTQ", "int8_ptq.onnx", QuantConfig()),
@@ -124,7 +118,8 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False) -> dict:
     _measure(variants, out, x_test, y_test, quick)
 
     results = _results(variants, steps, qat_note, quick, len(y_test))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
     plotted = _plot(variants, out / "digits.png")
     _print(results, variants, out, qat_note, plotted)
     return results
@@ -139,8 +134,6 @@ def _timed(steps: dict[str, float], name: str):
 
 def _quantize_qat(qat_model: ir.Model, calib: Path, steps: dict[str, float]) -> _Variant:
     """Quantize the QAT export with the ranges it carries; calibrate only if some are missing."""
-    from zenith_onnx.quantize import quantize
-
     step = "quantize w4 QAT"
     config = QuantConfig(weight_bits=4)
     with _timed(steps, step):
@@ -166,9 +159,6 @@ def _measure(variants: list[_Variant], out: Path, x: np.ndarray, y: np.ndarray, 
     """Accuracy on the test split; top-1 agreement and SQNR of the logits against the
     source model (at ``ORT_DISABLE_ALL``) and against the float model; fused integer
     ops; latency."""
-    from zenith_onnx.fusion import fusion_report
-    from zenith_onnx.testing import sqnr_db
-
     references = {v.source: _logits(runtime.session(out / v.source, "disable_all"), x) for v in variants}
     float_top1 = references[variants[0].file].argmax(1)
     sessions = {}
@@ -233,8 +223,6 @@ def _results(variants: list[_Variant], steps: dict[str, float], qat_note: str | 
 def _jsonable(report: dict | None):
     if report is None:
         return None
-    from zenith_onnx.quantize import _json_default
-
     return json.loads(json.dumps(report, default=_json_default))
 
 
