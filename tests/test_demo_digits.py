@@ -10,8 +10,6 @@ import pytest
 from zenith_onnx.demo import _common, digits
 from zenith_onnx.errors import ModelError
 
-QAT_SHIPPED = (_common.MODELS_DIR / digits.QAT_MODEL).is_file()
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -58,19 +56,20 @@ def test_files_written(demo):
         assert v["size_bytes"] == (out / v["file"]).stat().st_size
 
 
-@pytest.mark.skipif(not QAT_SHIPPED, reason=f"models/{digits.QAT_MODEL} is not shipped yet")
-def test_qat_w4_within_one_point(demo):
+def test_qat_w4_within_one_point_and_fused(demo):
     _, results, by_name = demo
     loss = 100 * (by_name["float"]["accuracy"] - by_name["w4 QAT"]["accuracy"])
     assert loss <= 1.0
     assert results["targets"]["w4_qat_met"]
+    assert by_name["w4 QAT"]["integer_ops"].get("QLinearConv") == 4
 
 
-@pytest.mark.skipif(QAT_SHIPPED, reason="the QAT model is shipped")
-def test_missing_qat_model_is_reported_not_faked(demo):
-    _, results, by_name = demo
-    assert "w4 QAT" not in by_name
-    assert any(digits.QAT_MODEL in note for note in results["missing"])
+def test_missing_qat_model_is_reported_not_faked(tmp_path, monkeypatch):
+    monkeypatch.setattr(digits, "QAT_MODEL", "no_such_qat.onnx")
+    results = digits.run_demo(out_dir=tmp_path, quick=True)
+    assert "w4 QAT" not in {v["name"] for v in results["variants"]}
+    assert "w4_qat_met" not in results["targets"]
+    assert any("no_such_qat.onnx is missing" in note for note in results["missing"])
 
 
 def test_missing_models_folder_is_one_clear_error(tmp_path, monkeypatch):
