@@ -52,7 +52,6 @@ import hashlib
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -1006,8 +1005,9 @@ def diff_models(
 ) -> DiffReport:
     """Compare two models (in memory or paths) structurally and, with ``data``, numerically.
 
-    ``data`` is a calibration ``.npz`` (one array per graph input of A, samples on axis 0)
-    or a list of feeds ``{input name: array}``.
+    ``data`` is anything `zenith_onnx.calibration_data.as_feeds` reads for A: a calibration
+    ``.npz`` (one array per graph input, samples on axis 0), a list of feeds
+    ``{input name: array}``, ...; B gets the same arrays, matched to its inputs by position.
     """
     if rtol < 0 or atol < 0:
         raise UsageError(f"tolerances must not be negative (rtol={rtol}, atol={atol})")
@@ -1056,74 +1056,13 @@ def diff_files(
 # ------------------------------------------------------------------ numeric
 
 
-_NUMPY_OF = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.DOUBLE: np.float64,
-}
-
-
-def _load_samples(path: str | os.PathLike, model: ir.Model) -> list[dict[str, np.ndarray]]:
-    """Feeds from a calibration ``.npz``: one array per graph input, samples on axis 0;
-    ``(N, *S)`` for an input of shape S, or ``(N, *S[1:])`` when S has a batch axis of 1.
-
-    A private minimal loader (zenith_onnx.calibration_data did not exist when this was
-    written); pickled arrays are refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: a single array, not an .npz with one array per graph input")
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: cannot read as .npz calibration data ({why})") from None
-    if not arrays:
-        raise DataError(f"{path}: holds no arrays")
-    samples: dict[str, list[np.ndarray]] = {}
-    count = None
-    for value in inputs:
-        if value.name not in arrays:
-            raise DataError(f"{path}: no array for graph input '{value.name}' (has: {', '.join(sorted(arrays))})")
-        array = arrays[value.name]
-        rank = len(value.shape) if value.shape is not None else array.ndim - 1
-        batch_of_one = rank > 0 and value.shape[0] == 1 or rank > 0 and not isinstance(value.shape[0], int)
-        if array.ndim == rank + 1:
-            items = list(array)
-        elif array.ndim == rank and batch_of_one:
-            items = [array[i : i + 1] for i in range(array.shape[0])]
-        else:
-            raise DataError(
-                f"{path}: array '{value.name}' has shape {array.shape}; input '{value.name}' is "
-                f"{_type_str(value.dtype, _dims(value.shape))}, so expected (N, ...) with {rank + 1} axes"
-            )
-        want = _NUMPY_OF.get(value.dtype)
-        if want is not None and array.dtype != want:
-            if not np.issubdtype(array.dtype, np.floating):
-                raise DataError(f"{path}: array '{value.name}' is {array.dtype}, input needs {np.dtype(want)}")
-            items = [x.astype(want) for x in items]
-        if count is not None and len(items) != count:
-            raise DataError(f"{path}: arrays hold different sample counts ({count} and {len(items)} for '{value.name}')")
-        count = len(items)
-        samples[value.name] = items
-    if not count:
-        raise DataError(f"{path}: holds no samples")
-    return [{name: items[i] for name, items in samples.items()} for i in range(count)]
-
-
 def _numeric_diff(a, b, model_a: ir.Model, model_b: ir.Model, data, rtol: float, atol: float) -> NumericDiff:
     from zenith_onnx import runtime
+    from zenith_onnx.calibration_data import as_feeds
     from zenith_onnx.testing import sqnr_db
 
-    if isinstance(data, (str, os.PathLike)):
-        feeds, label = _load_samples(data, model_a), str(data)
-    else:
-        feeds, label = list(data), "feeds"
+    label = str(data) if isinstance(data, (str, os.PathLike)) else "feeds"
+    feeds = as_feeds(data, model_a)
     inputs_a = [v.name for v in model_a.graph.inputs if not v.is_initializer()]
     inputs_b = [v.name for v in model_b.graph.inputs if not v.is_initializer()]
     if len(inputs_a) != len(inputs_b):
@@ -1135,7 +1074,9 @@ def _numeric_diff(a, b, model_a: ir.Model, model_b: ir.Model, data, rtol: float,
     names_b = [o.name for o in sess_b.get_outputs()]
     got_a = collections.defaultdict(list)
     got_b = collections.defaultdict(list)
+    samples = 0
     for feed in feeds:
+        samples += 1
         try:
             out_a = runtime.run(sess_a, feed)
             out_b = runtime.run(sess_b, {rename[k]: v for k, v in feed.items()})
@@ -1161,4 +1102,4 @@ def _numeric_diff(a, b, model_a: ir.Model, model_b: ir.Model, data, rtol: float,
         na = names_a[i] if i < len(names_a) else ""
         nb = names_b[i] if i < len(names_b) else ""
         results.append(OutputError(i, na, nb, math.nan, math.nan, math.nan, False, f"only in {'A' if na else 'B'}"))
-    return NumericDiff(label, len(feeds), results)
+    return NumericDiff(label, samples, results)
