@@ -131,9 +131,20 @@ def export_float(net: nn.Module, path: Path) -> None:
     """Dynamo export, BatchNormalization kept (optimize=False), eval semantics, batch 1."""
     net.eval()
     example = (torch.zeros(1, 1, 8 * UPSAMPLE, 8 * UPSAMPLE),)
-    torch.onnx.export(net, example, str(path), dynamo=True, optimize=False, opset_version=OPSET,
-                      input_names=[INPUT_NAME], output_names=["logits"], external_data=False)
+    program = torch.onnx.export(net, example, dynamo=True, optimize=False, opset_version=OPSET,
+                                input_names=[INPUT_NAME], output_names=["logits"])
+    save_stable(program.model, path)
     check_export(net, path)
+
+
+def save_stable(model, path: Path) -> None:
+    """Save without the exporter's per-node stack traces: they name source lines on this
+    machine, so any edit to the QAT code would change the file while the model stays the same."""
+    from zenith_onnx.modelio import save_model
+
+    for node in model.graph:
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+    save_model(model, path)
 
 
 def check_export(net: nn.Module, path: Path) -> None:
@@ -178,7 +189,6 @@ def make_qat4(state_dict: dict[str, torch.Tensor], data: dict[str, np.ndarray], 
     the folded convolution that is deployed) and exports with `export_qat`. The graph
     input and output are renamed to the float model's names so one data file feeds both.
     """
-    from zenith_onnx.modelio import save_model
     from zenith_onnx.qat import QATConfig, calibrate_qat, export_qat, freeze_bn_stats, prepare_qat
     from zenith_onnx.qat.export import verify_export
 
@@ -195,7 +205,7 @@ def make_qat4(state_dict: dict[str, torch.Tensor], data: dict[str, np.ndarray], 
     model = export_qat(qat, (example,))
     model.graph.inputs[0].name = INPUT_NAME
     model.graph.outputs[0].name = "logits"
-    save_model(model, path)
+    save_stable(model, path)
     check = verify_export(qat, path, (example,))
     print(f"{path.name}: export vs torch: activations within one step {check.worst_within_one_step():.4f}, "
           f"outputs {check.outputs}, {path.stat().st_size:,} bytes")
