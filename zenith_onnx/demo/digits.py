@@ -248,6 +248,10 @@ def _ops_text(ops: dict) -> str:
     return ", ".join(f"{op.split('::')[-1]} {n}" for op, n in sorted(ops.items())) or "-"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{1e3 * seconds:.0f} ms"
+
+
 def _print(results: dict, variants: list[_Variant], out: Path, qat_note: str | None, plotted: bool) -> None:
     rows = []
     for v, r in zip(variants, results["variants"]):
@@ -261,7 +265,7 @@ def _print(results: dict, variants: list[_Variant], out: Path, qat_note: str | N
             f"{1e3 * m['latency']['median_ms']:.1f} ({1e3 * m['latency']['p90_ms']:.1f})",
             f"{r['speedup_vs_float']:.2f}x",
             _ops_text(m["integer_ops"]),
-            "-" if v.step_s is None else f"{v.step} {v.step_s:.2f} s",
+            "-" if v.step_s is None else f"{v.step} {_duration(v.step_s)}",
         ])
     headers = ["variant", "test acc", "agree", "SQNR dB", "bytes", "us median (p90)", "speed", "integer ops", "step"]
     mach = results["machine"]
@@ -270,7 +274,7 @@ def _print(results: dict, variants: list[_Variant], out: Path, qat_note: str | N
     print(format_table(headers, rows))
     print("agree / SQNR: top-1 agreement and SQNR of the logits against the source model "
           "(float export; for w4 QAT the QAT export); speed: float median / median")
-    print("steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in results["steps_s"].items()))
+    print("steps: " + ", ".join(f"{k} {_duration(v)}" for k, v in results["steps_s"].items()))
     t = results["targets"]
     print(f"target int8 PTQ within {INT8_MAX_LOSS} points of float: lost {t['int8_ptq_loss_points']:.2f} -> "
           f"{'met' if t['int8_ptq_met'] else 'NOT met'}")
