@@ -122,10 +122,10 @@ class QuantPlan:
     def observe_names(self) -> list[str]:
         """Names of the tensors whose ranges calibration must observe."""
         names = []
-        for v in self.groups.parent:
-            if FROZEN_QPARAMS in v.meta:
-                continue
-            names.append(self.range_source.get(v, v).name)
+        for members in self.groups.members().values():
+            if any(FROZEN_QPARAMS in m.meta for m in members):
+                continue  # the group's parameters come from the model itself
+            names.extend(self.range_source.get(m, m).name for m in members)
         return sorted(set(names))
 
 
@@ -177,6 +177,8 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if _excluded(node, exclude):
             plan.left_float.append((node.name, node.op_type, "excluded by the user"))
             continue
+        if not _computes_on_float(node, rule):
+            continue  # shape arithmetic on integers (Concat of dims, ...): nothing to quantize
         reason = _refuse_compute(node, rule)
         if reason:
             logger.debug("%s %s stays float: %s", node.op_type, node.name, reason)
@@ -194,6 +196,8 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
             if constant_array(w) is None:
                 groups.add(w)  # Gemm with an activation as B
         out = node.outputs[0]
+        if rule.float_output and out.is_graph_output():
+            continue  # the kernel writes float: the model's output keeps full precision
         groups.add(out)
         if rule.fixed_output_min0:
             plan.min0.add(out)
@@ -206,8 +210,7 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
     # An absorbed activation's output becomes its producer's output: one group.
     absorbed_outputs = {act.outputs[0]: out for act, out in plan.absorbed}
     for act_out, out in absorbed_outputs.items():
-        if act_out in groups:
-            groups.union(out, act_out)
+        groups.union(out, act_out)
     # Shape ops run on the 8-bit tensor when input and output share a scale.
     for node in graph:
         slot = SAME_SCALE_OPS.get(node.op_type)
@@ -233,14 +236,15 @@ def _check_exclude_matches(graph: ir.Graph, exclude: set[str]) -> None:
         raise UsageError(f"--exclude: no node or op type named {', '.join(repr(u) for u in unknown)} in the model")
 
 
+def _computes_on_float(node: ir.Node, rule) -> bool:
+    """True when the op's output and activation inputs are float32 (or of unknown type)."""
+    slots = range(len(node.inputs)) if rule.all_inputs else rule.activations
+    inputs = [node.inputs[i] for i in slots if i < len(node.inputs) and node.inputs[i] is not None]
+    return _is_float(node.outputs[0]) and all(_is_float(v) for v in inputs)
+
+
 def _refuse_compute(node: ir.Node, rule) -> str | None:
     """Why ``node`` cannot become an integer kernel, or None."""
-    if any(not _is_float(o) for o in node.outputs[:1]):
-        return "output is not float32"
-    slots = range(len(node.inputs)) if rule.all_inputs else rule.activations
-    for i in slots:
-        if i < len(node.inputs) and node.inputs[i] is not None and not _is_float(node.inputs[i]):
-            return f"input {i} is not float32"
     if node.op_type == "Gemm" and attr_int(node, "transA", 0):
         return "Gemm with transA=1"
     if node.op_type in ("Conv", "Gemm"):
@@ -370,7 +374,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if rule.weight is not None and rule.weight not in rule.activations:
             needed.append(node.inputs[rule.weight])
         needed = [v for v in needed if constant_array(v) is None]
-        return node.outputs[0] in params and all(v in params for v in needed)
+        out = node.outputs[0]
+        output_ok = out in params or (rule.float_output and out.is_graph_output())
+        return output_ok and all(v in params for v in needed)
 
     @staticmethod
     def _already_quantized(v: ir.Value) -> bool:

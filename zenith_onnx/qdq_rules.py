@@ -22,6 +22,8 @@ class OpRule:
         per channel along ``weight_axis``; for Gemm the axis depends on transB).
     bias: the input slot of a bias that becomes int32 (scale = input scale x weight scale).
     fixed_output_min0: the output range starts at 0 (Sigmoid, Softmax) whatever was observed.
+    float_output: the integer kernel may also write float (QGemm without y_scale,
+        MatMulIntegerToFloat), so a graph output is left unquantized: no error added there.
     """
 
     activations: tuple[int, ...]
@@ -30,14 +32,15 @@ class OpRule:
     bias: int | None = None
     all_inputs: bool = False
     fixed_output_min0: bool = False
+    float_output: bool = False
 
 
 # Ops with an integer kernel (QLinear*, QGemm, ...): their activation inputs get DQ and
 # their output gets Q.
 COMPUTE_RULES: dict[str, OpRule] = {
     "Conv": OpRule(activations=(0,), weight=1, weight_axis=0, bias=2),
-    "Gemm": OpRule(activations=(0,), weight=1, weight_axis=0, bias=2),
-    "MatMul": OpRule(activations=(0, 1), weight=1, weight_axis=-1),
+    "Gemm": OpRule(activations=(0,), weight=1, weight_axis=0, bias=2, float_output=True),
+    "MatMul": OpRule(activations=(0, 1), weight=1, weight_axis=-1, float_output=True),
     "Add": OpRule(activations=(0, 1)),
     "Mul": OpRule(activations=(0, 1)),
     "Concat": OpRule(activations=(), all_inputs=True),
