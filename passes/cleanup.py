@@ -17,7 +17,7 @@ from onnx_ir.passes import common
 
 from zenith_onnx.passes.registry import register
 
-__all__ = ["CleanupPass", "LiftConstantsPass"]
+__all__ = ["CleanupPass", "LiftConstantsPass", "InferShapesPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,4 +42,13 @@ class LiftConstantsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         inner = common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)
+        return ir.passes.PassResult(model, inner(model).modified)
+
+
+@register("infer_shapes")
+class InferShapesPass(ir.passes.InPlacePass):
+    """Fill in value types and shapes with ONNX shape inference (best effort; the model is kept if it fails)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        inner = common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)
         return ir.passes.PassResult(model, inner(model).modified)

@@ -93,7 +93,7 @@ def quantize(
             f"kept the existing quantization of {strip.report['frozen_activations']} activation(s) and "
             f"{strip.report['frozen_weights']} weight(s) (model already carried Q/DQ)"
         )
-    optimize = build_pipeline(["lift_constants", "fold_batchnorm", "cleanup"])
+    optimize = build_pipeline(["lift_constants", "fold_batchnorm", "cleanup", "infer_shapes"])
     optimize(model)
     timings["fold"] = time.perf_counter() - t
     float_model = model.clone()
