@@ -229,6 +229,49 @@ def test_lsq_learns_activation_scales_and_exports(tmp_path):
     assert check.worst_within_one_step() >= 0.999, check
 
 
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.c1(x)))
+        y = torch.relu(self.bn2(self.c2(y)) + x)
+        y = torch.relu(self.fc(y.mean((2, 3))))
+        return self.fc(y.unsqueeze(1).squeeze(1))  # fc called twice
+
+
+def test_placement_on_residual_and_shared_layers():
+    torch.manual_seed(0)
+    net = Residual()
+    rng_state = torch.get_rng_state()
+    model = prepare_qat(net, QATConfig(observe_steps=1))
+    assert torch.equal(rng_state, torch.get_rng_state())  # preparing draws no random numbers
+    fq = {n.target: n for n in model.graph.nodes if n.op == "call_module" and n.target.startswith("activation_fq.")}
+    # x is quantized once for both of its consumers (c1 and the Add); c2's output (no ReLU
+    # right after it) is quantized; the ReLU after c1 carries c1's output pair.
+    # The mean (not an op with an integer kernel here) is quantized as fc's input; the
+    # ReLU after the first fc call carries its output pair, which the second call reads
+    # through unsqueeze/squeeze; the second call's output is the graph output (float).
+    assert sorted(fq) == ["activation_fq.c2", "activation_fq.mean", "activation_fq.relu",
+                          "activation_fq.relu_2", "activation_fq.x"]
+    assert {u.name for u in fq["activation_fq.x"].users} == {"c1", "add"}
+    add = next(n for n in model.graph.nodes if n.name == "add")
+    assert add.args[0] is fq["activation_fq.c2"]
+    fc_calls = [n for n in model.graph.nodes if n.op == "call_module" and n.target == "fc"]
+    assert fc_calls[0].args[0] is fq["activation_fq.mean"]
+    assert fc_calls[1].args[0].args[0].args[0] is fq["activation_fq.relu_2"]
+    assert "bn1" not in dict(model.named_modules()) and model.c1.bn is not None
+    # Gradient accumulation over two forwards (the weight scale buffer is rewritten at
+    # every forward; the op must not have saved it for backward).
+    x = torch.randn(2, 4, 5, 5)
+    model(x)
+    (model(x).sum() + model(x).sum()).backward()
+    assert model.fc.weight.grad.abs().sum() > 0 and model.c1.bn.weight.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------ export
 
 

@@ -162,13 +162,18 @@ class _FakeQuantizeBase(nn.Module):
         self.zero_point: list[int] = [0] * channels
         self.register_buffer("scale", torch.ones(channels if axis is not None else ()))
 
-    def _set_qparams(self, rmin: torch.Tensor, rmax: torch.Tensor) -> None:
+    def _set_qparams(self, rmin: torch.Tensor, rmax: torch.Tensor) -> torch.Tensor:
+        """Set scale and zero point from a range with the kernel; returns the scale as a
+        new tensor (the op saves that one for backward, so a later update of the buffer
+        cannot invalidate a pending backward)."""
         scale, zero_point = kernels.scale_zero_point(
             rmin.detach().cpu().numpy(), rmax.detach().cpu().numpy(), self.qrange, self.symmetric
         )
+        scale = torch.from_numpy(np.asarray(scale)).reshape(self.scale.shape).to(self.scale.device)
         with torch.no_grad():
-            self.scale.copy_(torch.from_numpy(np.asarray(scale)).reshape(self.scale.shape))
+            self.scale.copy_(scale)
         self.zero_point = [int(v) for v in np.ravel(zero_point)]
+        return scale
 
     def _apply(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, scale, self.zero_point, self.axis, self.container.qmin, self.container.qmax)
@@ -204,23 +209,20 @@ class WeightFakeQuantize(_FakeQuantizeBase):
         axis = config.weight_axis
         super().__init__(config.weight_range, config.weight_bits, config.symmetric_weights, axis, channels)
 
-    def update(self, weight: torch.Tensor) -> None:
-        """Set the scale and zero point from ``weight``'s current range."""
+    def update(self, weight: torch.Tensor) -> torch.Tensor:
+        """Set the scale and zero point from ``weight``'s current range; returns the scale."""
         w = weight.detach()
         if self.axis is None:
-            self._set_qparams(w.amin(), w.amax())
-        else:
-            other = [d for d in range(w.dim()) if d != self.axis]
-            self._set_qparams(w.amin(dim=other), w.amax(dim=other))
+            return self._set_qparams(w.amin(), w.amax())
+        other = [d for d in range(w.dim()) if d != self.axis]
+        return self._set_qparams(w.amin(dim=other), w.amax(dim=other))
 
     def freeze(self, weight: torch.Tensor) -> None:
         self.update(weight)
         self.frozen = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.frozen:
-            self.update(weight)
-        return self._apply(weight, self.scale)
+        return self._apply(weight, self.scale if self.frozen else self.update(weight))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "weight", **super().describe(), "learned": False}

@@ -15,8 +15,9 @@ After (``fq`` = `ActivationFakeQuantize`, ``wfq`` = `WeightFakeQuantize`)::
   fake-quantized *folded* weight ``W * gamma / sqrt(var + eps)`` (the weight that is
   deployed after BatchNorm folding). Linear becomes `QATLinear`.
 - Activation quantizers sit on tensors, not on layers: on every tensor a quantized layer
-  reads (walking back through flatten/reshape/view/max-pool/dropout/identity, which
-  commute with per-tensor fake quantization and which onnxruntime runs on integers) and
+  reads (walking back through reshapes, transposes, (un)squeeze, repeat/expand, max-pool,
+  dropout and identity, which commute with per-tensor fake quantization and which
+  onnxruntime runs on integers) and
   on every quantized layer's output, after its ReLU when the layer's only consumer is a
   ReLU (so the range starts at 0 and the zero point is qmin, which lets onnxruntime fuse
   Conv+ReLU+Q into QLinearConv). A tensor is quantized once; all its consumers read the
@@ -86,10 +87,11 @@ class QATConv2d(nn.Conv2d):
     fake-quantized, BatchNorm-folded weight (see the module docstring)."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, config: QATConfig):
+        # Built on the meta device (no allocation, no draw from the random generator),
+        # then given the conv's own parameters.
         super().__init__(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
         )
         self.weight = conv.weight
         self.bias = conv.bias
@@ -125,10 +127,7 @@ class QATLinear(nn.Linear):
     """Linear trained on its fake-quantized weight."""
 
     def __init__(self, linear: nn.Linear, config: QATConfig):
-        super().__init__(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype,
-        )
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight_fq = WeightFakeQuantize(config, linear.out_features)
@@ -146,9 +145,17 @@ QAT_LAYERS = (QATConv2d, QATLinear)
 # ------------------------------------------------------------------ graph matching
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+# Ops that only move, repeat or select values (onnxruntime runs their ONNX forms on
+# integers: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Tile, Expand, MaxPool).
 _TRANSPARENT_MODULES = (nn.Flatten, nn.Unflatten, nn.MaxPool2d, nn.Dropout, nn.Identity)
-_TRANSPARENT_FUNCTIONS = {torch.flatten, torch.reshape, F.max_pool2d, F.dropout}
-_TRANSPARENT_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_TRANSPARENT_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+    F.max_pool2d, F.dropout,
+}
+_TRANSPARENT_METHODS = {
+    "flatten", "view", "reshape", "contiguous", "transpose", "permute", "squeeze", "unsqueeze",
+    "repeat", "expand",
+}
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -178,7 +185,7 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Conv2d) -> fx.Node | None:
+def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Conv2d, calls: dict) -> fx.Node | None:
     """The BatchNorm2d node that is the conv output's only consumer, when it can be folded."""
     users = list(conv_node.users)
     bn_node = users[0] if len(users) == 1 else None
@@ -191,17 +198,29 @@ def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Conv2d) -> fx.N
         logger.debug("not folding %s into %s: BatchNorm without affine parameters or running stats, "
                      "or channel count differs", bn_node.target, conv_node.target)
         return None
+    if calls[conv_node.target] > 1 or calls[bn_node.target] > 1:
+        logger.debug("not folding %s into %s: the module is called more than once",
+                     bn_node.target, conv_node.target)
+        return None
     return bn_node
 
 
 def _replace_layers(gm: fx.GraphModule, config: QATConfig) -> list[fx.Node]:
-    layers, erased = [], set()
+    """Swap Conv2d(+BatchNorm2d)/Linear modules for QAT layers; returns the nodes calling them
+    (a module called twice is converted once and listed twice)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    layers, erased, converted = [], set(), set()
     for node in list(gm.graph.nodes):
         if node in erased:
             continue
         module = _module(gm, node)
-        if type(module) is nn.Conv2d:
-            bn_node = _fusable_bn(gm, node, module)
+        if node.target in converted:
+            layers.append(node)
+        elif type(module) is nn.Conv2d:
+            bn_node = _fusable_bn(gm, node, module, calls)
             bn = _module(gm, bn_node) if bn_node is not None else None
             _set_module(gm, node.target, QATConv2d(module, bn, config))
             if bn_node is not None:
@@ -210,9 +229,11 @@ def _replace_layers(gm: fx.GraphModule, config: QATConfig) -> list[fx.Node]:
                 erased.add(bn_node)
                 gm.delete_submodule(bn_node.target)
             layers.append(node)
+            converted.add(node.target)
         elif type(module) is nn.Linear:
             _set_module(gm, node.target, QATLinear(module, config))
             layers.append(node)
+            converted.add(node.target)
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             logger.debug("%s: %s is a subclass of Conv2d/Linear; left float", node.target, type(module).__name__)
     return layers
