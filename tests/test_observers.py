@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from zenith_onnx import kernels
 from zenith_onnx.observers import (
+    ENTROPY_BINS,
     EntropyObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -208,7 +209,7 @@ def test_entropy_one_sided_after_relu_uses_256_levels():
     lo, hi = obs.compute_range()
     assert lo == 0.0
     assert 3.0 < hi < 50.0
-    folded, width = obs._abs_histogram()
+    folded, width = obs._abs_histogram(ENTROPY_BINS)
     assert hi == pytest.approx(_entropy_threshold_bins(folded, 256) * width)
 
 
@@ -320,3 +321,51 @@ def test_observer_for():
         observer_for("kl")
     with pytest.raises(ValueError):
         PercentileObserver(20.0)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_relu_derivation_matches_observing_the_relu_output(method):
+    batches = _widening_batches(11)
+    derived_from = observer_for(method, percentile=99.0)
+    direct = observer_for(method, percentile=99.0)
+    for b in batches:
+        derived_from.observe(b)
+        direct.observe(np.maximum(b, 0))
+    derived = derived_from.relu()
+    relu_data = np.maximum(np.concatenate(batches), 0).astype(np.float64)
+    assert derived.count == direct.count == relu_data.size
+    assert (derived.min, derived.max) == (direct.min, direct.max) == (0.0, float(relu_data.max()))
+    lo, hi = derived.compute_range()
+    if method == "minmax":
+        assert (lo, hi) == direct.compute_range()
+    elif method == "percentile":
+        assert abs(lo - np.percentile(relu_data, 1.0)) <= derived.bin_width
+        assert abs(hi - np.percentile(relu_data, 99.0)) <= derived.bin_width
+    else:  # the same search on a histogram of the same values (a coarser window)
+        d_lo, d_hi = direct.compute_range()
+        assert lo == d_lo == 0.0 and abs(hi - d_hi) <= 0.05 * d_hi
+    assert derived_from.compute_range()[0] < 0  # the source is untouched
+
+
+def test_relu_histogram_is_exact():
+    batches = _widening_batches(12)
+    hist = StreamingHistogram(256)
+    for b in batches:
+        hist.add(b, float(b.min()), float(b.max()))
+    relu = hist.relu()
+    data = np.maximum(np.concatenate(batches), 0).astype(np.float64)
+    edges = (relu.start + np.arange(257)) * relu.width
+    expected, _ = np.histogram(data, bins=edges)
+    assert np.abs(relu.counts - expected).sum() <= 4
+    assert relu.counts[: -relu.start].sum() == 0 and relu.counts[-relu.start] >= np.sum(data == 0)
+
+
+def test_relu_of_negative_and_constant_data():
+    obs = observer_for("percentile")
+    obs.observe(np.linspace(-5, -1, 1000, dtype=np.float32))
+    assert obs.relu().compute_range() == (0.0, 0.0)
+    point = observer_for("mse")
+    point.observe(np.full(10, -3.0, np.float32))
+    assert point.relu().compute_range() == (0.0, 0.0) and point.relu().count == 10
+    assert observer_for("moving_average").relu() is None
+    assert observer_for("entropy").relu() is None

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from zenith_onnx import runtime
 from zenith_onnx.calibration_data import Feeds, as_feeds
 from zenith_onnx.errors import DataError, UsageError
 from zenith_onnx.observers import NonFiniteValuesError, Observer, observer_for
+from zenith_onnx.passes._graph import is_default_domain
 from zenith_onnx.passes.observe import ObservePass
 from zenith_onnx.qconfig import CALIBRATION_METHODS
 from zenith_onnx.ranges import Ranges, safe_range
@@ -81,12 +83,54 @@ def _progress_bar(total: int | None, enabled: bool | None):
             bar.close()
 
 
-class _Observation:
-    """Observers by tensor name, and where each tensor comes from (for error messages)."""
+# Ops whose output holds exactly the values of their first input, rearranged.
+_SAME_VALUES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
 
-    def __init__(self, model: ir.Model, names: Sequence[str], make_observer):
-        self.observers: dict[str, Observer] = {name: make_observer() for name in names}
-        self._producers = {v.name: node for node in model.graph for v in node.outputs if v.name in self.observers}
+
+def _derivations(graph: ir.Graph, names: Sequence[str], relu_ok: bool) -> dict[str, tuple[str, bool]]:
+    """Observed tensors whose observer state follows exactly from another observed
+    tensor's: ``name -> (root, through a Relu)``. A `_SAME_VALUES` op keeps the multiset
+    of values; ``Relu(x) = max(x, 0)`` is derived by `Observer.relu` (when ``relu_ok``).
+    Those tensors are neither fetched from onnxruntime nor binned."""
+    wanted = set(names)
+    step: dict[str, tuple[str, bool]] = {}
+    for node in graph:
+        if not is_default_domain(node) or not node.inputs or node.inputs[0] is None:
+            continue
+        relu = node.op_type == "Relu"
+        if not (relu and relu_ok or node.op_type in _SAME_VALUES):
+            continue
+        source, output = node.inputs[0].name, node.outputs[0].name
+        if source in wanted and output in wanted:
+            step[output] = (source, relu)
+    derived: dict[str, tuple[str, bool]] = {}
+    for name in step:
+        chain, root = [], name
+        while root in step and root not in derived:
+            chain.append(root)
+            root = step[root][0]
+        base_root, base_relu = derived.get(root, (root, False))
+        for link in reversed(chain):  # from the root outwards
+            base_relu = base_relu or step[link][1]
+            derived[link] = (base_root, base_relu)
+    return derived
+
+
+class _Observation:
+    """Observers by tensor name, and where each tensor comes from (for error messages).
+
+    Only root tensors have an observer of their own; `observer` gives any tensor's final
+    state (derived ones through `_derivations`)."""
+
+    def __init__(self, graph: ir.Graph, names: Sequence[str], make_observer):
+        self.names = list(names)
+        self.derived = _derivations(graph, self.names, relu_ok=make_observer().relu() is not None)
+        self.observers: dict[str, Observer] = {n: make_observer() for n in self.names if n not in self.derived}
+        self._producers = {v.name: node for node in graph for v in node.outputs if v.name in self.observers}
+
+    def observer(self, name: str) -> Observer:
+        root, relu = self.derived.get(name, (name, False))
+        return self.observers[root].relu() if relu else self.observers[root]
 
     def feed(self, name: str, array: np.ndarray, span: tuple[int, int]) -> None:
         try:
@@ -102,25 +146,38 @@ class _Observation:
 
 
 def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Observation, inputs: list[str], progress):
+    """Run every feed and observe the results; returns the number of samples.
+
+    onnxruntime runs the next feed in a worker thread (it releases the GIL) while this
+    thread bins the activations of the previous one, so observing overlaps inference;
+    at most two batches of activations are alive at a time.
+    """
     samples = 0
-    with _progress_bar(feeds.count, progress) as advance:
+
+    def observe(future, span, feed) -> None:
+        nonlocal samples
         try:
+            values = future.result()
+        except _ORT_RUN_ERRORS as e:
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+            raise DataError(f"onnxruntime failed on calibration samples {span[0]}..{span[1] - 1}: {message}") from None
+        for name, value in zip(outputs, values):
+            observation.feed(name, value, span)
+        for name in inputs:
+            observation.feed(name, feed[name], span)
+        samples += span[1] - span[0]
+        advance(span[1] - span[0])
+
+    with _progress_bar(feeds.count, progress) as advance, ThreadPoolExecutor(1, "zenith-calibrate") as worker:
+        try:
+            previous = None
             for feed in feeds:
-                span = feeds.span
-                try:
-                    values = session.run(outputs, feed)
-                except _ORT_RUN_ERRORS as e:
-                    message = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
-                    raise DataError(
-                        f"onnxruntime failed on calibration samples {span[0]}..{span[1] - 1}: {message}"
-                    ) from None
-                for name, value in zip(outputs, values):
-                    observation.feed(name, value, span)
-                del values
-                for name in inputs:
-                    observation.feed(name, feed[name], span)
-                samples += span[1] - span[0]
-                advance(span[1] - span[0])
+                current = (worker.submit(session.run, outputs, feed), feeds.span, feed)
+                if previous is not None:
+                    observe(*previous)
+                previous = current
+            if previous is not None:
+                observe(*previous)
         finally:
             feeds.close()
     return samples
@@ -129,7 +186,8 @@ def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Obser
 def _finish(observation: _Observation, method: str) -> Ranges:
     ranges = Ranges(method)
     never, constant = [], []
-    for name, observer in observation.observers.items():
+    for name in observation.names:
+        observer = observation.observer(name)
         if observer.count == 0:
             never.append(name)
             lo = hi = 0.0
@@ -177,16 +235,22 @@ def _calibrate(
         dropped = len(plan.outputs) - len(outputs)
         if dropped:
             logger.debug("%d tensors of unknown type turned out not to be float; not observed", dropped)
-        names = [*outputs, *plan.inputs, *plan.constants]
         observation = _Observation(
-            observed, names, lambda: observer_for(method, percentile=percentile, bits=activation_bits)
+            observed.graph, [*outputs, *plan.inputs, *plan.constants],
+            lambda: observer_for(method, percentile=percentile, bits=activation_bits),
         )
+        roots = observation.observers
         if plan.constants:
             graph = observed.graph
             values = {v.name: v for v in (*graph.initializers.values(), *(o for n in graph for o in n.outputs))}
             for name in plan.constants:
-                observation.feed(name, _constant_array(values[name]), (0, 0))
-        samples = _run_observed(session, outputs, feeds, observation, plan.inputs, progress)
+                if name in roots:
+                    observation.feed(name, _constant_array(values[name]), (0, 0))
+        fetch = [n for n in outputs if n in roots]
+        logger.info("observing %d tensors: %d fetched from onnxruntime, %d derived from others",
+                    len(observation.names), len(fetch), len(observation.derived))
+        inputs = [n for n in plan.inputs if n in roots]
+        samples = _run_observed(session, fetch, feeds, observation, inputs, progress)
     finally:
         feeds.close()
     ranges = _finish(observation, method)

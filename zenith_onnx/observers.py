@@ -21,14 +21,15 @@ Methods (``compute_range``):
   ``symmetric=True`` the ``p``-th percentile of ``|x|`` as ``(-t, t)``; linear
   interpolation inside the bin, so the result is within one bin of ``np.percentile``.
 - entropy: TensorRT's KL-divergence threshold search. The ``|x|`` histogram (at most
-  ``bins`` bins) is cut at every candidate bin edge ``i``; the reference distribution P
+  `ENTROPY_BINS` = 2048 bins) is cut at every candidate bin edge ``i``; the reference distribution P
   is the first ``i`` bins with the clipped mass added to the last one, the candidate Q
   merges those ``i`` bins into ``L`` levels and spreads each level over its non-empty
   bins; the threshold minimizes KL(P || Q) (an empty last bin gets q = 1e-4 counts, the
   epsilon smoothing of MXNet and onnxruntime, so that a sparse tail can be cut). ``L = 2**(bits - 1)`` (128 for int8) for
   signed data, ``2**bits`` (256) for data that never goes below zero (after ReLU). All
-  candidates are evaluated at once from prefix sums:
-  ``sum_j p_j log(p_j / q_j) = sum_g [sum_{j in g} h_j log h_j - S_g log(S_g / n_g)]``
+  candidates are evaluated at once from prefix sums: with ``S_g`` the count and ``n_g``
+  the non-empty bins of level ``g``,
+  ``sum_j p_j log(p_j / q_j) = sum_{j < i} h_j log h_j - sum_g S_g log(S_g / n_g)``
   plus the correction of the last bin.
 - mse: the range ``[a, b]`` (bin edges, ``a <= 0 <= b``) that minimizes the expected
   squared error of ``2**bits`` level asymmetric quantization,
@@ -42,6 +43,7 @@ All histogram results are clamped to the observed ``[min, max]``.
 from __future__ import annotations
 
 import abc
+import copy
 import logging
 import math
 
@@ -59,6 +61,7 @@ __all__ = [
     "MSEObserver",
     "observer_for",
     "DEFAULT_BINS",
+    "ENTROPY_BINS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ logger = logging.getLogger(__name__)
 # 4096 signed bins leave about 2048 bins of |x| for data centred on zero (TensorRT
 # searches 2048 bins) and 4096 for one-sided data; 32 KB of counters per tensor.
 DEFAULT_BINS = 4096
+# Bins of |x| the entropy search runs on (TensorRT: 2048 bins into 128 levels).
+ENTROPY_BINS = 2048
 # Candidate thresholds evaluated per block in the entropy search (bounds its memory).
 _ENTROPY_BLOCK = 512
 # q (in counts) given to an empty last bin that receives clipped mass in the KL search.
@@ -112,6 +117,13 @@ class Observer(abc.ABC):
         if self.count == 0:
             raise ValueError(f"{type(self).__name__}: no data observed")
 
+    def relu(self) -> Observer | None:
+        """An observer in the state this one would have after observing ``max(x, 0)``
+        of every batch instead of ``x`` (None when the state cannot be derived)."""
+        derived = copy.copy(self)
+        derived.min, derived.max = max(self.min, 0.0), max(self.max, 0.0)
+        return derived
+
 
 class MinMaxObserver(Observer):
     """The exact minimum and maximum over every value seen."""
@@ -143,6 +155,9 @@ class MovingAverageMinMaxObserver(Observer):
     def compute_range(self) -> tuple[float, float]:
         self._require_data()
         return float(self.avg_min), float(self.avg_max)
+
+    def relu(self) -> None:
+        return None  # an average of clamped batch minima is not the clamped average
 
 
 class StreamingHistogram:
@@ -179,11 +194,18 @@ class StreamingHistogram:
             self._cover(lo, hi)
         if x.dtype != np.float64 and not 1e-30 < self.width < 1e30:
             x = x.astype(np.float64)  # 1 / width would leave float32's range
-        scaled = x - x.dtype.type(self.start * self.width)
+        # The origin is rounded down to the data's type, so x - origin >= 0 exactly and the
+        # truncating cast is a floor; rounding can only push an index past the last bin,
+        # which is folded back. (No clip pass: binning is the cost of these observers.)
+        origin = x.dtype.type(self.start * self.width)
+        if float(origin) > self.start * self.width:
+            origin = np.nextafter(origin, x.dtype.type(-np.inf))
+        scaled = x - origin
         scaled *= x.dtype.type(1.0 / self.width)
-        index = scaled.astype(np.intp)  # truncation is floor: scaled >= 0 up to rounding
-        np.clip(index, 0, self.bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.bins)
+        counts = np.bincount(scaled.astype(np.intp), minlength=self.bins)
+        if counts.size > self.bins:
+            counts[self.bins - 1] += counts[self.bins :].sum()
+        self.counts += counts[: self.bins]
 
     def _open(self, lo: float, hi: float) -> None:
         # Two bins of slack: floor(lo / w) and floor(hi / w) may straddle one more edge.
@@ -216,6 +238,26 @@ class StreamingHistogram:
         self.start = new_start
         self.width *= 2**shift
 
+    def relu(self) -> StreamingHistogram:
+        """The histogram of ``max(x, 0)``: the mass of the bins below 0 moves to the bin
+        ``[0, w)`` (0 is an edge, so this is exact)."""
+        out = copy.copy(self)
+        out.lo, out.hi = max(self.lo, 0.0), max(self.hi, 0.0)
+        if self.counts is None:
+            out._point_value = None if self._point_value is None else max(self._point_value, 0.0)
+            return out
+        negative = min(max(-self.start, 0), self.bins)  # bins below 0
+        if negative == 0:
+            out.counts = self.counts.copy()
+        elif negative < self.bins:
+            out.counts = self.counts.copy()
+            out.counts[negative] += out.counts[:negative].sum()
+            out.counts[:negative] = 0
+        else:  # every value was negative: a point mass at 0
+            out.counts, out.width, out.start = None, 0.0, 0
+            out._point_value, out._point_count = 0.0, int(self.counts.sum())
+        return out
+
     def with_zero_edge(self, max_bins: int) -> tuple[np.ndarray, float, int]:
         """``(counts, width, zero)``: the histogram extended so that 0 is one of its
         edges (``counts[zero:]`` lie above 0), coarsened by powers of two to at most
@@ -247,6 +289,11 @@ class HistogramObserver(Observer):
     def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
         self.histogram.add(x, lo, hi)
 
+    def relu(self) -> HistogramObserver:
+        derived = super().relu()
+        derived.histogram = self.histogram.relu()
+        return derived
+
     @property
     def bin_width(self) -> float:
         """Current bin width (0 while only one distinct value has been seen)."""
@@ -255,10 +302,11 @@ class HistogramObserver(Observer):
     def _clamp(self, lo: float, hi: float) -> tuple[float, float]:
         return max(lo, self.min), min(hi, self.max)
 
-    def _abs_histogram(self) -> tuple[np.ndarray, float]:
-        """Counts of ``|x|`` in bins ``[i w, (i + 1) w)`` (at most ``bins`` of them), and ``w``."""
-        max_bins = self.histogram.bins
-        counts, width, zero = self.histogram.with_zero_edge(2 * max_bins)
+    def _abs_histogram(self, max_bins: int | None = None) -> tuple[np.ndarray, float]:
+        """Counts of ``|x|`` in bins ``[i w, (i + 1) w)`` (at most ``max_bins``, default
+        ``bins``, of them), and ``w``."""
+        max_bins = max_bins or self.histogram.bins
+        counts, width, zero = self.histogram.with_zero_edge(2 * self.histogram.bins)
         above, below = counts[zero:], counts[:zero][::-1]
         folded = np.zeros(max(above.size, below.size), dtype=np.int64)
         folded[: above.size] += above
@@ -311,13 +359,15 @@ class PercentileObserver(HistogramObserver):
 
 def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     """TensorRT's KL search over the ``|x|`` histogram ``h``: how many bins to keep
-    (threshold ``i w``), or None when there are no more bins than levels."""
+    (threshold ``i w``), or None when there are no more bins than levels. ``levels``
+    is a power of two."""
     n = h.size
     if n <= levels:
         return None
+    shift = levels.bit_length() - 1
     h = h.astype(np.float64)
     total = h.sum()
-    hlogh = h * np.log(np.where(h > 0, h, 1.0))
+    hlogh = h * np.log(np.maximum(h, 1.0))
     cum = np.concatenate(([0.0], np.cumsum(h)))
     cum_nonzero = np.concatenate(([0.0], np.cumsum(h > 0)))
     cum_hlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
@@ -325,19 +375,20 @@ def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     best_i, best_kl = n, math.inf
     for block in range(levels, n + 1, _ENTROPY_BLOCK):
         cand = np.arange(block, min(block + _ENTROPY_BLOCK, n + 1))
-        bounds = (cand[:, None] * groups[None, :] + levels - 1) // levels  # ceil(g i / L)
-        s = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
-        nz = cum_nonzero[bounds[:, 1:]] - cum_nonzero[bounds[:, :-1]]
-        hl = cum_hlogh[bounds[:, 1:]] - cum_hlogh[bounds[:, :-1]]
-        safe_s = np.where(s > 0, s, 1.0)
-        terms = (hl - s * np.log(safe_s / np.maximum(nz, 1.0))).sum(axis=1)
+        bounds = (cand[:, None] * groups[None, :] + (levels - 1)) >> shift  # ceil(g i / L)
+        s = np.diff(np.take(cum, bounds), axis=1)
+        ratio = np.maximum(s, 1.0)  # s = 0 (then nz = 0) contributes 0 * log 1
+        ratio /= np.maximum(np.diff(np.take(cum_nonzero, bounds), axis=1), 1.0)
+        np.log(ratio, out=ratio)
+        # sum over groups of sum_{j in g} h_j log h_j is the prefix sum up to i
+        terms = cum_hlogh[cand] - np.einsum("ij,ij->i", s, ratio)
         last = h[cand - 1]
         clipped = total - cum[cand]
         grown = last + clipped
         # Clipped mass moved into an empty last bin meets q = 0 there; smooth that q to
         # _EMPTY_BIN_Q (MXNet's and onnxruntime's epsilon) so sparse tails can be cut.
-        q_last = np.where(last > 0, safe_s[:, -1] / np.maximum(nz[:, -1], 1.0), _EMPTY_BIN_Q)
-        correction = grown * np.log(np.maximum(grown, 1.0)) - hlogh[cand - 1] - clipped * np.log(q_last)
+        log_q_last = np.where(last > 0, ratio[:, -1], math.log(_EMPTY_BIN_Q))
+        correction = grown * np.log(np.maximum(grown, 1.0)) - hlogh[cand - 1] - clipped * log_q_last
         kl = (terms + correction) / total + np.log(np.maximum(cum[cand], 1.0) / total)
         kl[cum[cand] == 0] = np.inf
         k = int(np.argmin(kl))
@@ -353,13 +404,18 @@ class EntropyObserver(HistogramObserver):
         super().__init__(bins)
         self.bits = bits
 
+    def relu(self) -> None:
+        # The KL optimum moves with the bin width (the smallest candidate is `levels`
+        # bins), and a derived one-sided histogram keeps the coarser signed window.
+        return None
+
     def compute_range(self) -> tuple[float, float]:
         self._require_data()
         if self.histogram.counts is None:
             return self.min, self.max
         one_sided = self.min >= 0.0
         levels = 2**self.bits if one_sided else 2 ** (self.bits - 1)
-        folded, width = self._abs_histogram()
+        folded, width = self._abs_histogram(ENTROPY_BINS)
         keep = _entropy_threshold_bins(folded, levels)
         if keep is None:
             logger.debug("entropy: %d bins <= %d levels, keeping the full range", folded.size, levels)

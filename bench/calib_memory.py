@@ -1,0 +1,231 @@
+"""Calibration memory and time: zenith-onnx's streaming observers vs onnxruntime's calibrators.
+
+A small CNN (input N x 3 x 64 x 64, Conv/Relu/MaxPool/Add, about 2 MB of activations per
+sample) is calibrated on 32, 128 and 512 random samples generated on the fly (an
+iterable of dicts: the data itself never sits in memory). Every run is its own
+subprocess, started by a wrapper process whose only child it is, so
+``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` in the wrapper is exactly that run's
+peak RSS (DESIGN.md, Measuring). Compared:
+
+- zenith-onnx `calibrate` with minmax, percentile, entropy, mse (1 intra-op thread);
+- onnxruntime's `create_calibrator` with MinMax, Entropy, Percentile (its defaults; it
+  keeps its own session options, i.e. onnxruntime's default thread count);
+- plain onnxruntime inference of the float model over the same samples, 1 thread, at
+  ``ORT_DISABLE_ALL`` (the level calibration must run at) and ``ORT_ENABLE_ALL``.
+
+    python bench/calib_memory.py            # 32 / 128 / 512 samples
+    python bench/calib_memory.py --quick    # 16 / 64 samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+OURS = ("minmax", "percentile", "entropy", "mse")
+ORTS = ("MinMax", "Entropy", "Percentile")
+PLAIN = ("disable_all", "all")
+SHAPE = (1, 3, 64, 64)
+
+
+def build_model(path: str | os.PathLike) -> int:
+    """Write the bench CNN to ``path``; returns the activation bytes per sample."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    sizes = {}
+
+    def conv(x, cin, cout, name, hw):
+        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name, pads=[1, 1, 1, 1]))
+        sizes[name] = cout * hw * hw
+        return name
+
+    def op(kind, inputs, name, size, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [name], name=name, **attrs))
+        sizes[name] = size
+        return name
+
+    x = op("Relu", [conv("x", 3, 16, "conv1", 64)], "relu1", 16 * 64 * 64)
+    x = op("Relu", [conv(x, 16, 16, "conv2", 64)], "relu2", 16 * 64 * 64)
+    x = op("MaxPool", [x], "pool1", 16 * 32 * 32, kernel_shape=[2, 2], strides=[2, 2])
+    r = op("Relu", [conv(x, 16, 32, "conv3", 32)], "relu3", 32 * 32 * 32)
+    x = op("Add", [conv(r, 32, 32, "conv4", 32), r], "add1", 32 * 32 * 32)
+    x = op("Relu", [x], "relu4", 32 * 32 * 32)
+    x = op("MaxPool", [x], "pool2", 32 * 16 * 16, kernel_shape=[2, 2], strides=[2, 2])
+    x = op("Relu", [conv(x, 32, 64, "conv5", 16)], "relu5", 64 * 16 * 16)
+    x = op("GlobalAveragePool", [x], "gap", 64)
+    x = op("Flatten", [x], "flat", 64)
+    inits.append(numpy_helper.from_array((rng.standard_normal((10, 64)) * 0.1).astype(np.float32), "fc.w"))
+    inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
+    op("Gemm", [x, "fc.w", "fc.b"], "logits", 10, transB=1)
+    graph = helper.make_graph(
+        nodes, "calib_bench",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return 4 * (sum(sizes.values()) + int(np.prod(SHAPE)))
+
+
+def samples(count: int, seed: int = 1):
+    """Calibration feeds made one at a time (nothing stacked in memory)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield {"x": rng.standard_normal(SHAPE).astype(np.float32)}
+
+
+# ------------------------------------------------------------------ child processes
+
+
+def _child(tool: str, method: str, count: int, model_path: str) -> dict:
+    """One measured run (in its own process); returns its wall time in seconds."""
+    if tool == "zenith":
+        import onnx_ir as ir
+
+        from zenith_onnx.calibration import calibrate
+
+        model = ir.load(model_path)
+        start = time.perf_counter()
+        ranges = calibrate(model, samples(count), method=method, progress=False)
+        return {"seconds": time.perf_counter() - start, "tensors": len(ranges.tensors)}
+    if tool == "onnxruntime":
+        from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = samples(count)
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            calibrator = create_calibrator(
+                model_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=CalibrationMethod[method],
+            )
+            calibrator.collect_data(Reader())
+            ranges = calibrator.compute_data()
+            return {"seconds": time.perf_counter() - start, "tensors": len(ranges.data)}
+    if tool == "plain":
+        from zenith_onnx import runtime
+
+        session = runtime.session(model_path, method, threads=1)
+        start = time.perf_counter()
+        for feed in samples(count):
+            session.run(None, feed)
+        return {"seconds": time.perf_counter() - start}
+    raise ValueError(tool)
+
+
+def _measure(tool: str, method: str, count: int, model_path: str) -> dict:
+    """Run one child under a wrapper process; peak RSS from the wrapper's RUSAGE_CHILDREN."""
+    wrapper = subprocess.run(
+        [sys.executable, str(HERE), "--wrap", tool, method, str(count), model_path],
+        capture_output=True, text=True, check=False,
+    )
+    if wrapper.returncode != 0:
+        raise RuntimeError(f"{tool} {method} {count}: {wrapper.stderr.strip()[-2000:]}")
+    return json.loads(wrapper.stdout.strip().splitlines()[-1])
+
+
+def _wrap(tool: str, method: str, count: int, model_path: str) -> None:
+    child = subprocess.run(
+        [sys.executable, str(HERE), "--child", tool, method, str(count), model_path],
+        capture_output=True, text=True, check=False,
+    )
+    if child.returncode != 0:
+        sys.stderr.write(child.stderr)
+        sys.exit(1)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    print(json.dumps(result))
+
+
+# ------------------------------------------------------------------ driver
+
+
+def run(sample_counts=(32, 128, 512), quick: bool = False) -> list[dict]:
+    """Measure every (tool, method, sample count); print a table; return the rows."""
+    if quick:
+        sample_counts = (16, 64)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="calib-bench-") as tmp:
+        model_path = str(Path(tmp) / "cnn.onnx")
+        per_sample = build_model(model_path)
+        print(f"model: {per_sample / 2**20:.2f} MB of activations per sample; samples {list(sample_counts)}")
+        jobs = [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS] + [("onnxruntime", m) for m in ORTS]
+        for count in sample_counts:
+            for tool, method in jobs:
+                result = _measure(tool, method, count, model_path)
+                rows.append({"tool": tool, "method": method, "samples": count, **result})
+                print(f"  {tool:<12} {method:<12} {count:>5} samples: {result['peak_rss_mb']:8.1f} MB "
+                      f"{result['seconds']:8.2f} s", flush=True)
+    _print_table(rows, sample_counts)
+    return rows
+
+
+def _print_table(rows: list[dict], counts) -> None:
+    def find(tool, method, count):
+        return next(r for r in rows if (r["tool"], r["method"], r["samples"]) == (tool, method, count))
+
+    first, last = counts[0], counts[-1]
+    head = "".join(f"{f'RSS@{c} MB':>12}" for c in counts)
+    print(f"\n{'tool':<12}{'method':<12}{head}{f'RSS x{last}/{first}':>14}"
+          + "".join(f"{f't@{c} s':>10}" for c in counts) + f"{'t / plain':>20}")
+    for tool, method in sorted({(r["tool"], r["method"]) for r in rows}, key=lambda k: ("pzo".index(k[0][0]), k[1])):
+        rss = [find(tool, method, c)["peak_rss_mb"] for c in counts]
+        secs = [find(tool, method, c)["seconds"] for c in counts]
+        ratio = ""
+        if tool != "plain":
+            d = secs[-1] / find("plain", "disable_all", last)["seconds"]
+            a = secs[-1] / find("plain", "all", last)["seconds"]
+            ratio = f"{d:.2f} / {a:.2f}"
+        print(f"{tool:<12}{method:<12}" + "".join(f"{v:12.1f}" for v in rss) + f"{rss[-1] / rss[0]:14.2f}"
+              + "".join(f"{v:10.2f}" for v in secs) + f"{ratio:>20}")
+    print(f"(t / plain: time at {last} samples over plain inference at ORT_DISABLE_ALL / ORT_ENABLE_ALL, "
+          "both 1 thread for zenith; onnxruntime's calibrators use its default thread count)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 and 64 samples")
+    parser.add_argument("--samples", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--child", nargs=4, metavar=("TOOL", "METHOD", "N", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--wrap", nargs=4, metavar=("TOOL", "METHOD", "N", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        tool, method, count, model_path = args.child
+        print(json.dumps(_child(tool, method, int(count), model_path)))
+        return 0
+    if args.wrap:
+        tool, method, count, model_path = args.wrap
+        _wrap(tool, method, int(count), model_path)
+        return 0
+    rows = run(tuple(args.samples), quick=args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
