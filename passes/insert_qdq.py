@@ -259,7 +259,7 @@ def _refuse_compute(node: ir.Node, rule) -> str | None:
 # ------------------------------------------------------------------ rewrite
 
 
-@register("insert_qdq", float_preserving=False)
+@register("insert_qdq", float_preserving=False, standalone=False)
 class InsertQDQPass(ir.passes.InPlacePass):
     """Insert Q/DQ pairs (uint8 activations, int8 per-channel weights, int32 bias) that onnxruntime fuses."""
 

@@ -39,19 +39,22 @@ class PassSpec:
     factory: Callable[..., ir.passes.PassBase]
     summary: str
     float_preserving: bool
+    # False for passes that need inputs only the quantize pipeline gives (ranges).
+    standalone: bool = True
 
 
 _REGISTRY: dict[str, PassSpec] = {}
 
 
-def register(name: str, *, float_preserving: bool = True):
-    """Class decorator: make a pass available by ``name``."""
+def register(name: str, *, float_preserving: bool = True, standalone: bool = True):
+    """Class decorator: make a pass available by ``name``. ``standalone=False`` marks a
+    pass that needs what only `zenith-onnx quantize` provides (calibration ranges)."""
 
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name].factory is not cls:
             raise ValueError(f"pass name '{name}' is registered twice")
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = PassSpec(name, cls, summary, float_preserving)
+        _REGISTRY[name] = PassSpec(name, cls, summary, float_preserving, standalone)
         cls.pass_name = name
         return cls
 
@@ -76,6 +79,8 @@ def create(name: str, **options) -> ir.passes.PassBase:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise UsageError(f"unknown pass '{name}' (known passes: {known})") from None
+    if not spec.standalone and not options:
+        raise UsageError(f"pass '{name}' needs calibration ranges: use `zenith-onnx quantize`")
     return spec.factory(**options)
 
 

@@ -83,7 +83,7 @@ def _as_uint8(qp: QParams) -> QParams:
     return QParams(qp.scale, qp.zero_point + 128, ir.DataType.UINT8, kernels.int_range(8, signed=False), qp.axis)
 
 
-@register("strip_qdq")
+@register("strip_qdq", float_preserving=False)
 class StripQDQPass(ir.passes.InPlacePass):
     """Turn existing Q/DQ pairs into frozen parameters on float tensors (kept by insert_qdq)."""
 

@@ -319,3 +319,13 @@ def test_cli_quantize_end_to_end(tmp_path):
     assert data["accuracy"]["sqnr_db"] > 25
     assert data["fusion"]["integer_ops"]["QLinearConv"] == 8
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_insert_qdq_cannot_run_from_optimize_without_ranges(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(synthetic.conv_bn_relu_cnn(), src)
+    proc = subprocess.run([sys.executable, "-m", "zenith_onnx", "optimize", str(src), "-o", str(tmp_path / "o.onnx"),
+                           "--passes", "insert_qdq"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "zenith-onnx quantize" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()

@@ -128,6 +128,7 @@ def _cmd_optimize(args) -> int:
     if args.list_passes:
         for spec in passes.available():
             tag = "" if spec.float_preserving else "  [changes numerics]"
+            tag += "" if spec.standalone else " [run by quantize]"
             print(f"{spec.name:<22} {spec.summary}{tag}")
         print(f"\ndefault pipeline: {','.join(passes.DEFAULT_OPTIMIZE)}")
         return EXIT_OK
