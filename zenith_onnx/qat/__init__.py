@@ -43,6 +43,7 @@ _TORCH_NAMES = {
     "fake_quantize": "zenith_onnx.qat.fake_quant",
     "export_qat": "zenith_onnx.qat.export",
     "to_deploy": "zenith_onnx.qat.export",
+    "verify_export": "zenith_onnx.qat.export",
 }
 
 __all__ = [

@@ -36,7 +36,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from torch import nn
 
 from zenith_onnx import kernels, modelio, runtime
-from zenith_onnx.errors import UsageError
+from zenith_onnx.errors import ModelError, UsageError
 from zenith_onnx.qat.fake_quant import ActivationFakeQuantize, fake_quant_onnx
 from zenith_onnx.qat.torch_qat import QAT_LAYERS, QATConv2d, freeze_activation_ranges, qat_config, quantizers
 
@@ -49,12 +49,16 @@ METADATA_KEY = "zenith_onnx.qat"
 METADATA_FORMAT = "zenith-onnx-qat/1"
 
 
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
+
+
 def _fold_bn(conv: QATConv2d) -> None:
+    """Fold the conv's BatchNorm into its weight and bias with the shared kernel."""
     bn = conv.bn
-    as_numpy = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
     weight, bias = kernels.fold_batchnorm_into_weight(
-        as_numpy(conv.weight), as_numpy(conv.bias), as_numpy(bn.weight), as_numpy(bn.bias),
-        as_numpy(bn.running_mean), as_numpy(bn.running_var), bn.eps,
+        _numpy(conv.weight), _numpy(conv.bias), _numpy(bn.weight), _numpy(bn.bias),
+        _numpy(bn.running_mean), _numpy(bn.running_var), bn.eps,
     )
     conv.weight = nn.Parameter(torch.from_numpy(weight).to(conv.weight.device))
     conv.bias = nn.Parameter(torch.from_numpy(bias).to(conv.weight.device))
@@ -123,9 +127,10 @@ class _Names:
         return candidate
 
 
-def _rename(value: ir.Value, name: str, names: _Names) -> None:
-    if not value.is_graph_output() and not value.name.startswith(name):
+def _rename(value: ir.Value, name: str, names: _Names, renamed: set) -> None:
+    if value not in renamed and not value.is_graph_output():
         value.name = names.fresh(name)
+        renamed.add(value)
 
 
 def _name_quantizers(model: ir.Model) -> dict[str, str]:
@@ -134,6 +139,7 @@ def _name_quantizers(model: ir.Model) -> dict[str, str]:
     ``<fqn>.zero_point``, ``<fqn>/DequantizeLinear``, ``<fqn>.dequantized``). Returns
     ``{quantizer fqn: dequantized tensor name}``."""
     names = _Names(model.graph)
+    renamed: set[ir.Value] = set()  # a zero point is shared by its Q and DQ
     dequantized = {}
     for node in model.graph:
         if node.domain != "" or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -145,9 +151,9 @@ def _name_quantizers(model: ir.Model) -> dict[str, str]:
         node.name = names.fresh(f"{fqn}/{node.op_type}")
         zero_point = node.inputs[2]
         if zero_point is not None:
-            _rename(zero_point, f"{fqn}.zero_point", names)
+            _rename(zero_point, f"{fqn}.zero_point", names, renamed)
         suffix = "quantized" if node.op_type == "QuantizeLinear" else "dequantized"
-        _rename(node.outputs[0], f"{fqn}.{suffix}", names)
+        _rename(node.outputs[0], f"{fqn}.{suffix}", names, renamed)
         if node.op_type == "DequantizeLinear":
             dequantized.setdefault(fqn, node.outputs[0].name)
     return dequantized
@@ -176,11 +182,15 @@ def export_qat(model: nn.Module, example_inputs, path: str | os.PathLike | None 
         raise UsageError("export_qat needs a model prepared with prepare_qat")
     args = _as_args(example_inputs)
     deploy = to_deploy(model)
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            deploy, args, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-            custom_translation_table={torch.ops.zenith.fake_quant.default: fake_quant_onnx},
-        )
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                deploy, args, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+                custom_translation_table={torch.ops.zenith.fake_quant.default: fake_quant_onnx},
+            )
+    except Exception as e:  # the exporter raises its own error types for unsupported models
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"torch.onnx.export could not export {type(model).__name__}: {first}") from e
     onnx_model = program.model
     dequantized = _name_quantizers(onnx_model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(onnx_model)
@@ -225,14 +235,16 @@ def verify_export(model: nn.Module, onnx_model: ir.Model | str | os.PathLike, in
     for name in probes.values():
         if name not in output_names:
             probed.graph.outputs.append(values[name])
-    feeds = {v.name: t.detach().cpu().numpy() for v, t in zip(probed.graph.inputs, args)}
+    feeds = {v.name: _numpy(t) for v, t in zip(probed.graph.inputs, args)}
     got = runtime.run(runtime.session(runtime.model_bytes(probed), "disable_all"), feeds)
 
     captured: dict[str, np.ndarray] = {}
     handles = []
     modules = dict(model.named_modules())
     for fqn in probes:
-        hook = lambda _m, _i, out, fqn=fqn: captured.__setitem__(fqn, out.detach().cpu().numpy())  # noqa: E731
+        def hook(_module, _inputs, out, fqn=fqn):
+            captured[fqn] = _numpy(out)
+
         handles.append(modules[fqn].register_forward_hook(hook))
     was_training = model.training
     try:
@@ -248,7 +260,7 @@ def verify_export(model: nn.Module, onnx_model: ir.Model | str | os.PathLike, in
     activations = {}
     for fqn, name in probes.items():
         ref, out = captured[fqn], got[name]
-        step = float(modules[fqn].scale.detach().abs().max())
+        step = float(modules[fqn].effective_scale().detach())
         diff = np.abs(ref.astype(np.float64) - out)
         activations[fqn] = {
             "exact": float(np.mean(diff == 0)),
@@ -257,7 +269,7 @@ def verify_export(model: nn.Module, onnx_model: ir.Model | str | os.PathLike, in
         }
     outputs = {}
     for name, ref in zip(output_names, expected):
-        ref = ref.detach().cpu().numpy().astype(np.float64)
+        ref = _numpy(ref).astype(np.float64)
         diff = np.abs(ref - got[name])
         outputs[name] = {"max_abs": float(diff.max()), "max_ref": float(np.abs(ref).max()),
                          "exact": float(np.mean(diff == 0))}

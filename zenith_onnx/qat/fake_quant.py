@@ -34,6 +34,7 @@ import warnings
 from typing import Any, Optional
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
 
 def _broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: list[int], axis: int | None):
     if axis is None:
@@ -111,27 +113,26 @@ fake_quantize.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------ ONNX translation
 
 
-def onnx_quant_type(qmin: int, qmax: int):
-    """The ONNX integer type whose full range is ``[qmin, qmax]`` (an `onnx_ir.DataType`)."""
-    import onnx_ir as ir
+_ONNX_TYPES = {
+    (-128, 127): ir.DataType.INT8,
+    (0, 255): ir.DataType.UINT8,
+    (-8, 7): ir.DataType.INT4,
+    (0, 15): ir.DataType.UINT4,
+    (-32768, 32767): ir.DataType.INT16,
+    (0, 65535): ir.DataType.UINT16,
+}
 
-    types = {
-        (-128, 127): ir.DataType.INT8,
-        (0, 255): ir.DataType.UINT8,
-        (-8, 7): ir.DataType.INT4,
-        (0, 15): ir.DataType.UINT4,
-        (-32768, 32767): ir.DataType.INT16,
-        (0, 65535): ir.DataType.UINT16,
-    }
-    if (qmin, qmax) not in types:
+
+def onnx_quant_type(qmin: int, qmax: int) -> ir.DataType:
+    """The ONNX integer type whose full range is ``[qmin, qmax]``."""
+    if (qmin, qmax) not in _ONNX_TYPES:
         raise UsageError(f"no ONNX quantized type has the range [{qmin}, {qmax}]")
-    return types[(qmin, qmax)]
+    return _ONNX_TYPES[(qmin, qmax)]
 
 
 def fake_quant_onnx(x, scale, zero_point, axis, quant_min, quant_max):
     """Translation of ``zenith::fake_quant`` for ``torch.onnx.export(custom_translation_table=...)``:
     QuantizeLinear -> DequantizeLinear sharing one typed zero-point constant."""
-    import onnx_ir as ir
     from onnxscript import opset21 as op
 
     dtype = onnx_quant_type(quant_min, quant_max)
