@@ -455,3 +455,45 @@ def test_assert_graphs_equal(tmp_path):
     message = str(info.value)
     assert message.startswith("graphs differ:\n")
     assert "Conv 'conv1': attribute strides: [1, 1] -> [2, 2]" in message
+
+
+def test_folded_batchnorm_is_explained_layer_by_layer(tmp_path):
+    # A: Conv -> BatchNormalization -> Relu; B: the BN folded into the Conv (new weight,
+    # new bias input). The report pairs the Convs across the removed BN, shows the new
+    # bias input and the weight's change, and the outputs agree numerically.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, 4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    mean, var = rng.standard_normal(4).astype(np.float32), rng.uniform(0.5, 2, 4).astype(np.float32)
+    a_scale = gamma / np.sqrt(var + 1e-5)
+
+    def graph(nodes, inits):
+        g = helper.make_graph(
+            nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+    a = graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+            helper.make_node("Relu", ["n"], ["y"], name="relu"),
+        ],
+        {"w": w, "g": gamma, "b": beta, "m": mean, "v": var},
+    )
+    b = graph(
+        [
+            helper.make_node("Conv", ["x", "w_folded", "bias"], ["c"], name="conv", pads=[1] * 4),
+            helper.make_node("Relu", ["c"], ["y"], name="relu"),
+        ],
+        {"w_folded": (w * a_scale[:, None, None, None]).astype(np.float32), "bias": (beta - a_scale * mean).astype(np.float32)},
+    )
+    report = diff_models(save(a, tmp_path / "a.onnx"), save(b, tmp_path / "b.onnx"), data=_calibration(tmp_path / "c.npz"), rtol=1e-4)
+    assert [n.op for n in report.only_in_a] == ["BatchNormalization"] and not report.only_in_b
+    assert [(c.name_a, c.details) for c in report.changed] == [
+        ("conv", ["input 2: absent -> constant bias float[4]"])
+    ]
+    assert [(v.name_a, v.name_b, v.read_by) for v in report.values] == [("w", "w_folded", "Conv 'conv' input 1")]
+    assert report.numeric.same and not report.same

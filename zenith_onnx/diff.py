@@ -220,21 +220,21 @@ class DiffReport:
 
     def summary(self) -> str:
         parts = []
-        for count, what in (
-            (len(self.opset_differences), "opset difference"),
-            (len(self.ports), "input/output difference"),
-            (len(self.only_in_a), "node only in A"),
-            (len(self.only_in_b), "node only in B"),
-            (len(self.changed), "changed node"),
-            (len(self.values), "constant differing in value"),
-            (len(self.outputs_computed_differently), "output computed differently"),
-            (len(self.functions), "function difference"),
+        for count, one, many in (
+            (len(self.opset_differences), "opset difference", "opset differences"),
+            (len(self.ports), "input/output difference", "input/output differences"),
+            (len(self.only_in_a), "node only in A", "nodes only in A"),
+            (len(self.only_in_b), "node only in B", "nodes only in B"),
+            (len(self.changed), "changed node", "changed nodes"),
+            (len(self.values), "constant differing in value", "constants differing in value"),
+            (len(self.outputs_computed_differently), "output computed differently", "outputs computed differently"),
+            (len(self.functions), "function difference", "function differences"),
         ):
             if count:
-                parts.append(_plural(count, what))
+                parts.append(f"{count} {one if count == 1 else many}")
         if self.numeric is not None and not self.numeric.same:
             bad = sum(not o.same for o in self.numeric.outputs)
-            parts.append(_plural(bad, "output numerically different"))
+            parts.append(f"{bad} output{'' if bad == 1 else 's'} numerically different")
         if not parts and not self.structurally_same:
             parts.append("graphs differ")
         return "SAME" if self.same else "DIFFERENT: " + ", ".join(parts)
@@ -294,13 +294,6 @@ class DiffReport:
                 lines.append(f"  {name:<24}{o.max_abs:>11.3g}{o.max_rel:>11.3g}{o.sqnr_db:>10.1f}  {verdict}")
         _section(lines, "notes:", self.notes)
         return "\n".join(lines)
-
-
-def _plural(count: int, what: str) -> str:
-    if count == 1:
-        return f"1 {what}"
-    head, _, tail = what.partition(" ")
-    return f"{count} {head}s" + (f" {tail}" if tail else "")
 
 
 def _port_line(p: PortDiff) -> str:
@@ -824,8 +817,11 @@ class _Differ:
         r_pairs, left_a, left_b = _pair(
             left_a, left_b, lambda n: (sa.local[n], back_a[n]), lambda n: (sb.local[n], back_b[n])
         )
-        local = [self._local_differences(na, nb, where) for na, nb in [*s_pairs, *k_pairs]]
-        if not (k_pairs or r_pairs or left_a or left_b or any(local)):
+        aligned, left_a, left_b = self._align(
+            graph_a, graph_b, [*f_pairs, *s_pairs, *k_pairs, *r_pairs], left_a, left_b
+        )
+        local = [self._local_differences(na, nb, where) for na, nb in [*s_pairs, *k_pairs, *aligned]]
+        if not (k_pairs or r_pairs or aligned or left_a or left_b or any(local)):
             # Every node pairs by structure and reads constants within tolerance by role:
             # the same graph if the pairs are wired alike (F differed only because
             # tolerance classes are not transitive).
@@ -837,6 +833,44 @@ class _Differ:
         self.report.only_in_a += [_node_info(n, where, sa) for n in left_a]
         self.report.only_in_b += [_node_info(n, where, sb) for n in left_b]
         return False
+
+    def _align(self, graph_a, graph_b, pairs, left_a, left_b):
+        """Pair what the signatures could not by following the data flow: an A node pairs
+        with the first unpaired B node of its op reading (through at most a few unpaired
+        nodes, e.g. a removed BatchNormalization or an inserted Q/DQ) the partner of its
+        first computed input. Explains differences only; the verdict is already known."""
+        sa, sb = self.a, self.b
+        partner: dict[ir.Value, ir.Value] = {}
+        inputs_a = [v for v in graph_a.inputs if v not in sa.consts]
+        inputs_b = [v for v in graph_b.inputs if v not in sb.consts]
+        partner.update(zip(inputs_a, inputs_b))
+        for na, nb in pairs:
+            partner.update(zip(na.outputs, nb.outputs))
+        unpaired_a, unpaired_b = set(left_a), set(left_b)
+
+        def anchor(node: ir.Node, depth: int = 0) -> ir.Value | None:
+            value = next((v for v in _inputs(node) if v is not None and v not in sa.consts), None)
+            if value is None or value in partner:
+                return partner.get(value) if value is not None else None
+            producer = value.producer()
+            return anchor(producer, depth + 1) if producer in unpaired_a and depth < 3 else None
+
+        aligned = []
+        for na in left_a:
+            start = anchor(na)
+            frontier, found = [start] if start is not None else [], None
+            for _ in range(4):
+                readers = [u.node for v in frontier for u in v.uses() if u.node in unpaired_b]
+                found = next((n for n in readers if (n.domain, n.op_type) == (na.domain, na.op_type)), None)
+                if found is not None or not readers:
+                    break
+                frontier = [v for n in readers for v in n.outputs]
+            if found is not None:
+                aligned.append((na, found))
+                unpaired_a.discard(na)
+                unpaired_b.discard(found)
+                partner.update(zip(na.outputs, found.outputs))
+        return aligned, [n for n in left_a if n in unpaired_a], [n for n in left_b if n in unpaired_b]
 
     def _local_differences(self, na: ir.Node, nb: ir.Node, where: str) -> bool:
         """Record what differs in the node itself; False when it differs only through inputs."""
@@ -862,9 +896,16 @@ class _Differ:
                     found_values |= self._value_diff(ca, cb, f"{where}{_node_label(na)} attribute {name}")
                 continue
             details.append(f"attribute {name}: {shown_a} -> {shown_b}")
-        for slot, (va, vb) in enumerate(zip(na.inputs, nb.inputs)):
+        inputs_a, inputs_b = _inputs(na), _inputs(nb)
+        for slot in range(max(len(inputs_a), len(inputs_b))):
+            va = inputs_a[slot] if slot < len(inputs_a) else None
+            vb = inputs_b[slot] if slot < len(inputs_b) else None
             ca = self.a.consts.get(va) if va is not None else None
             cb = self.b.consts.get(vb) if vb is not None else None
+            if va is None or vb is None or (ca is None) != (cb is None):
+                if va is not None or vb is not None:
+                    details.append(f"input {slot}: {_input_text(va, ca)} -> {_input_text(vb, cb)}")
+                continue
             if ca is None or cb is None or ca.cls == cb.cls:
                 continue
             if (ca.dtype, ca.shape) != (cb.dtype, cb.shape):
@@ -906,6 +947,22 @@ class _Differ:
                 self.report.structurally_same = False
             else:
                 self.report.notes.append(problem + " (not called)")
+
+
+def _inputs(node: ir.Node) -> list[ir.Value | None]:
+    inputs = list(node.inputs)
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    return inputs
+
+
+def _input_text(value: ir.Value | None, const: _Const | None) -> str:
+    if value is None:
+        return "absent"
+    if const is not None:
+        return f"constant {value.name} {const.type}"
+    producer = value.producer()
+    return f"{value.name} from {_node_label(producer)}" if producer is not None else f"graph input {value.name}"
 
 
 def _all_nodes(model: ir.Model) -> Iterable[ir.Node]:
