@@ -31,6 +31,10 @@ wired to the partners of its producers. The looser passes explain differences:
   absolute and relative difference.
 - K pair: the node's attributes (or a constant's dtype or shape) differ; reported by name.
 - backward pair: the node itself is unchanged but reads a changed or new node (counted).
+- data-flow pair: what is left is aligned along the data flow, an A node with the first
+  unpaired B node of its op that reads the partner of its first computed input, looking
+  through a few unpaired nodes (a removed BatchNormalization, an inserted Q/DQ pair); its
+  attribute and input changes are reported (a new bias input, a weight now dequantized).
 - no pair: the node exists in one model only; reported with what it reads.
 
 A pair whose own attributes and constants are equal differs only through its inputs and
