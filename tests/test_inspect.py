@@ -120,3 +120,15 @@ def test_inspect_command_lists_custom_ops(tmp_path):
     data = json.loads(result.stdout)
     assert data["ops"]["my.custom::Frob"] == 1 and data["custom_ops"] == {"my.custom::Frob": 1}
     assert data["initializer_bytes"] == 84 and "fusion" not in data
+
+
+def test_unknown_and_symbolic_dims():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "dims",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, "batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    summary = summarize(ir.serde.deserialize_model(proto))
+    assert summary.inputs[0]["shape"] == ["?", "batch", 4]
+    assert "x: float[?xbatchx4]" in summary.format() and "y: float[?]" in summary.format()

@@ -36,7 +36,7 @@ def op_counts(model: ir.Model) -> dict[str, int]:
 
 def _describe(value: ir.Value) -> dict:
     dtype = value.dtype.name.lower() if value.dtype is not None else "?"
-    shape = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+    shape = None if value.shape is None else [d if isinstance(d, int) else (d.value or "?") for d in value.shape]
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
