@@ -463,8 +463,7 @@ def _staging_folder(path: Path) -> Iterator[Path]:
     except OSError as e:
         raise _cannot_write(path, folder, e) from None
     try:
-        os.chmod(stage, 0o777 & ~_umask())
-        yield stage
+        yield stage  # files written inside get the usual permissions; only the folder is private
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
