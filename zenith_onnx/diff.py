@@ -57,7 +57,6 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -752,6 +751,7 @@ class _Differ:
         every = [*consts_a.values(), *consts_b.values(), *(c for cs in attrs_a.values() for c in cs),
                  *(c for cs in attrs_b.values() for c in cs)]
         _assign_classes(every, rtol, atol)
+        logger.debug("%d constants in %d value classes", len(every), len({c.cls for c in every}))
         self.a = _Signer(model_a, consts_a, attrs_a, report.a)
         self.b = _Signer(model_b, consts_b, attrs_b, report.b)
         self.seen_values: set[tuple[int, int]] = set()

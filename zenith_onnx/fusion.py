@@ -237,6 +237,7 @@ def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
         feeding += bool(readers)
         for reader in readers:
             fed.setdefault(_op_name(reader), {})[reader.name or f"<unnamed {reader.op_type}>"] = None
+    logger.debug("%s at ORT_ENABLE_EXTENDED: %s", name, dict(ops))
     warnings = [
         f"Relu '{r}' feeds a 4-bit QuantizeLinear and onnxruntime dropped it at ORT_ENABLE_EXTENDED "
         "(onnxruntime 1.32 bug); outputs at this level differ from ORT_DISABLE_ALL"
