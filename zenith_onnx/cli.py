@@ -57,14 +57,17 @@ def _add_diff(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
+    from zenith_onnx.qconfig import CALIBRATION_METHODS
+
     p = sub.add_parser("calibrate", help="observe activation ranges on calibration data, write ranges JSON")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="calibration .npz (one array per graph input, samples on axis 0)")
     p.add_argument("-o", "--output", required=True, help="ranges .json")
-    p.add_argument("--method", default="minmax", help="minmax|moving_average|percentile|entropy|mse")
-    p.add_argument("--percentile", type=float, default=99.99)
-    p.add_argument("--activation-bits", type=int, default=8, choices=(8, 16))
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--method", default="minmax", choices=CALIBRATION_METHODS, help="range method (default: %(default)s)")
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
+    p.add_argument("--activation-bits", type=int, default=8, choices=(8, 16), help="for entropy and mse")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per onnxruntime run (needs a symbolic axis 0)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default: %(default)s)")
     p.set_defaults(handler=_cmd_calibrate)
 
 
@@ -225,6 +228,7 @@ def _cmd_calibrate(args) -> int:
         percentile=args.percentile,
         activation_bits=args.activation_bits,
         batch_size=args.batch_size,
+        threads=args.threads,
     )
     return EXIT_OK
 

@@ -97,7 +97,7 @@ class Observer(abc.ABC):
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float64 if x.dtype.itemsize > 4 else np.float32)
         x = x.reshape(-1)
-        lo, hi = float(np.min(x)), float(np.max(x))
+        lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             kinds = [k for k, bad in (("NaN", np.isnan), ("Inf", np.isinf)) if bool(bad(x).any())]
             raise NonFiniteValuesError(f"{' and '.join(kinds)} values")
@@ -179,6 +179,7 @@ class StreamingHistogram:
         self.hi = -math.inf
         self._point_value: float | None = None
         self._point_count = 0
+        self._cached = None
 
     def add(self, x: np.ndarray, lo: float, hi: float) -> None:
         """Count the flat finite array ``x`` whose extremes are ``lo`` and ``hi``."""
@@ -194,18 +195,26 @@ class StreamingHistogram:
             self._cover(lo, hi)
         if x.dtype != np.float64 and not 1e-30 < self.width < 1e30:
             x = x.astype(np.float64)  # 1 / width would leave float32's range
-        # The origin is rounded down to the data's type, so x - origin >= 0 exactly and the
-        # truncating cast is a floor; rounding can only push an index past the last bin,
-        # which is folded back. (No clip pass: binning is the cost of these observers.)
-        origin = x.dtype.type(self.start * self.width)
-        if float(origin) > self.start * self.width:
-            origin = np.nextafter(origin, x.dtype.type(-np.inf))
+        origin, inverse = self._mapping(x.dtype)
         scaled = x - origin
-        scaled *= x.dtype.type(1.0 / self.width)
+        scaled *= inverse
         counts = np.bincount(scaled.astype(np.intp), minlength=self.bins)
         if counts.size > self.bins:
             counts[self.bins - 1] += counts[self.bins :].sum()
         self.counts += counts[: self.bins]
+
+    def _mapping(self, dtype: np.dtype) -> tuple[np.generic, np.generic]:
+        """``(origin, 1 / width)`` in ``dtype``, cached until the window changes. The
+        origin is rounded down, so ``x - origin >= 0`` exactly and the truncating cast is
+        a floor; rounding can only push an index past the last bin, which `add` folds
+        back (no clip pass: binning is what these observers spend their time on)."""
+        key = (dtype, self.start, self.width)
+        if self._cached is None or self._cached[0] != key:
+            origin = dtype.type(self.start * self.width)
+            if float(origin) > self.start * self.width:
+                origin = np.nextafter(origin, dtype.type(-np.inf))
+            self._cached = (key, origin, dtype.type(1.0 / self.width))
+        return self._cached[1], self._cached[2]
 
     def _open(self, lo: float, hi: float) -> None:
         # Two bins of slack: floor(lo / w) and floor(hi / w) may straddle one more edge.
