@@ -249,10 +249,7 @@ class DiffReport:
         data["op_counts"] = {op: {"a": a, "b": b} for op, (a, b) in self.op_counts.items()}
         if self.numeric is not None:
             data["numeric"]["same"] = self.numeric.same
-            for out in data["numeric"]["outputs"]:
-                if math.isinf(out["sqnr_db"]):  # identical outputs; JSON has no infinity
-                    out["sqnr_db"] = None
-        return data
+        return _finite(data)
 
     def format(self) -> str:
         lines = [f"A: {self.a}", f"B: {self.b}", f"result: {self.summary()}", ""]
@@ -297,6 +294,18 @@ class DiffReport:
                 lines.append(f"  {name:<24}{o.max_abs:>11.3g}{o.max_rel:>11.3g}{o.sqnr_db:>10.1f}  {verdict}")
         _section(lines, "notes:", self.notes)
         return "\n".join(lines)
+
+
+def _finite(data):
+    """JSON has no NaN or infinity: they become null (an infinite SQNR means identical
+    outputs; NaN means not comparable, e.g. shapes differ)."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
 
 
 def _port_line(p: PortDiff) -> str:
