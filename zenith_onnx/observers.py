@@ -25,7 +25,9 @@ Methods (``compute_range``):
   is the first ``i`` bins with the clipped mass added to the last one, the candidate Q
   merges those ``i`` bins into ``L`` levels and spreads each level over its non-empty
   bins; the threshold minimizes KL(P || Q) (an empty last bin gets q = 1e-4 counts, the
-  epsilon smoothing of MXNet and onnxruntime, so that a sparse tail can be cut). ``L = 2**(bits - 1)`` (128 for int8) for
+  epsilon smoothing of MXNet and onnxruntime, so that a sparse tail can be cut; the
+  first bin, where exact zeros pile up, counts as much as the second, as in
+  pytorch-quantization). ``L = 2**(bits - 1)`` (128 for int8) for
   signed data, ``2**bits`` (256) for data that never goes below zero (after ReLU). All
   candidates are evaluated at once from prefix sums: with ``S_g`` the count and ``n_g``
   the non-empty bins of level ``g``,
@@ -425,6 +427,11 @@ class EntropyObserver(HistogramObserver):
         one_sided = self.min >= 0.0
         levels = 2**self.bits if one_sided else 2 ** (self.bits - 1)
         folded, width = self._abs_histogram(ENTROPY_BINS)
+        if folded.size > 1:
+            # The first bin holds every exact zero (half of a ReLU output); left as is,
+            # keeping that spike apart from its neighbours dominates the KL and pulls the
+            # threshold far down. pytorch-quantization sets it to the second bin's count.
+            folded[0] = folded[1]
         keep = _entropy_threshold_bins(folded, levels)
         if keep is None:
             logger.debug("entropy: %d bins <= %d levels, keeping the full range", folded.size, levels)
