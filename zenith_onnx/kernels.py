@@ -189,6 +189,13 @@ def _per_axis(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return v.reshape(broadcast_shape(ndim, axis))
 
 
+def _broadcast_qparams(ndim: int, scale, zero_point, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) shaped to broadcast against an ``ndim`` array."""
+    s = _per_axis(np.asarray(scale, dtype=np.float32), ndim, axis)
+    zp = _per_axis(np.asarray(zero_point, dtype=np.int64), ndim, axis)
+    return s, zp
+
+
 def quantize(
     x: np.ndarray,
     scale: np.ndarray | float,
@@ -198,8 +205,7 @@ def quantize(
 ) -> np.ndarray:
     """ONNX QuantizeLinear: ``clip(round_half_even(x / scale) + zp, qmin, qmax)`` as int64."""
     x = np.asarray(x, dtype=np.float32)
-    s = _per_axis(np.asarray(scale, dtype=np.float32), x.ndim, axis)
-    zp = _per_axis(np.asarray(zero_point, dtype=np.int64), x.ndim, axis)
+    s, zp = _broadcast_qparams(x.ndim, scale, zero_point, axis)
     q = np.rint(x / s).astype(np.int64) + zp
     return np.clip(q, qrange.qmin, qrange.qmax)
 
@@ -212,8 +218,7 @@ def dequantize(
 ) -> np.ndarray:
     """ONNX DequantizeLinear: ``(q - zp) * scale`` in float32."""
     q = np.asarray(q)
-    s = _per_axis(np.asarray(scale, dtype=np.float32), q.ndim, axis)
-    zp = _per_axis(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
+    s, zp = _broadcast_qparams(q.ndim, scale, zero_point, axis)
     return ((q.astype(np.int64) - zp).astype(np.float32) * s).astype(np.float32)
 
 
