@@ -369,3 +369,11 @@ def test_relu_of_negative_and_constant_data():
     assert point.relu().compute_range() == (0.0, 0.0) and point.relu().count == 10
     assert observer_for("moving_average").relu() is None
     assert observer_for("entropy").relu() is None
+
+
+def test_entropy_is_not_pulled_down_by_the_zeros_of_a_relu():
+    x = np.maximum(np.random.default_rng(8).standard_normal(1_000_000), 0).astype(np.float32)
+    obs = EntropyObserver()
+    obs.observe(x)
+    lo, hi = obs.compute_range()
+    assert lo == 0.0 and 3.0 < hi <= float(x.max())
