@@ -21,7 +21,7 @@ them). After `call`, the pass tells where each tensor will be read:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import onnx_ir as ir
 
@@ -69,37 +69,36 @@ def _candidates(nodes: Iterable[ir.Node], ops: frozenset[str]) -> Iterable[ir.Va
                 yield value
 
 
-def _subgraph_owners(model: ir.Model) -> dict[str, ir.Node]:
-    """Names of values defined inside subgraphs -> the main-graph node that holds them."""
-    owners: dict[str, ir.Node] = {}
+def _subgraphs(model: ir.Model) -> Iterator[tuple[ir.Node, ir.Graph]]:
+    """``(main-graph node, graph)`` for every graph attribute of a main-graph node."""
     for node in model.graph:
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
-                graphs = [attr.as_graph()]
+                yield node, attr.as_graph()
             elif attr.type == ir.AttributeType.GRAPHS:
-                graphs = list(attr.as_graphs())
-            else:
-                continue
-            for graph in graphs:
-                for inner in ir.traversal.RecursiveGraphIterator(graph):
-                    for value in inner.outputs:
-                        owners.setdefault(value.name, node)
-                for value in graph.inputs:
-                    owners.setdefault(value.name, node)
+                for graph in attr.as_graphs():
+                    yield node, graph
+
+
+def _subgraph_owners(model: ir.Model) -> dict[str, ir.Node]:
+    """Names of values defined inside subgraphs -> the main-graph node that holds them."""
+    owners: dict[str, ir.Node] = {}
+    for node, graph in _subgraphs(model):
+        for value in graph.inputs:
+            owners.setdefault(value.name, node)
+        for inner in ir.traversal.RecursiveGraphIterator(graph):
+            for value in inner.outputs:
+                owners.setdefault(value.name, node)
     return owners
 
 
 def _subgraph_candidates(model: ir.Model, ops: frozenset[str]) -> dict[str, ir.Node]:
+    """Tensors the default selection would observe if they were not inside a subgraph."""
     found: dict[str, ir.Node] = {}
-    for node in model.graph:
-        for attr in node.attributes.values():
-            if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                continue
-            graphs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else list(attr.as_graphs())
-            for graph in graphs:
-                for value in _candidates(ir.traversal.RecursiveGraphIterator(graph), ops):
-                    if value.graph is not model.graph:
-                        found.setdefault(value.name, node)
+    for node, graph in _subgraphs(model):
+        for value in _candidates(ir.traversal.RecursiveGraphIterator(graph), ops):
+            if value.graph is not model.graph:  # outer-scope values are observed in the main graph
+                found.setdefault(value.name, node)
     return found
 
 

@@ -214,13 +214,14 @@ class _NpyMember:
     def __init__(self, npz: np.lib.npyio.NpzFile, member: str, path: Path):
         self.npz = npz
         self.member = member
-        self.path = path
+        self.key = member[: -len(".npy")]
+        self.where = f"{path}: array '{self.key}'"
         with npz.zip.open(member) as f:
-            self.shape, self.fortran, self.dtype = _read_npy_header(f, f"{path}: array '{member[:-4]}'")
+            self.shape, self.fortran, self.dtype = _read_npy_header(f, self.where)
 
     def open(self):
         if self.fortran:  # rows are not contiguous on disk: load this one array
-            return _MemoryCursor(self.npz[self.member[:-4]])
+            return _MemoryCursor(self.npz[self.key])
         return _MemberCursor(self)
 
 
@@ -235,7 +236,7 @@ def _read_npy_header(f, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         else:
             raise DataError(f"{where}: unsupported .npy format version {version}")
     except (ValueError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{where}: not a valid .npy array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DataError(f"{where}: not a valid .npy array ({_first_line(e)})") from None
     return tuple(shape), fortran, np.dtype(dtype)
 
 
@@ -243,9 +244,8 @@ class _MemberCursor:
     def __init__(self, member: _NpyMember):
         self.member = member
         self.file = member.npz.zip.open(member.member)
-        _read_npy_header(self.file, "")
-        self.row_items = math.prod(member.shape[1:])
-        self.row_bytes = self.row_items * member.dtype.itemsize
+        _read_npy_header(self.file, member.where)
+        self.row_bytes = math.prod(member.shape[1:]) * member.dtype.itemsize
 
     def read(self, rows: int) -> np.ndarray:
         m = self.member
@@ -253,9 +253,9 @@ class _MemberCursor:
         try:
             data = self.file.read(want)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise DataError(f"{m.path}: array '{m.member[:-4]}' cannot be read ({e})") from None
+            raise DataError(f"{m.where} cannot be read ({_first_line(e)})") from None
         if len(data) != want:
-            raise DataError(f"{m.path}: array '{m.member[:-4]}' is truncated")
+            raise DataError(f"{m.where} is truncated")
         return np.frombuffer(data, dtype=m.dtype).reshape(rows, *m.shape[1:])
 
     def close(self) -> None:
@@ -350,7 +350,8 @@ def load_npz(path: str | os.PathLike, model: ir.Model) -> CalibrationData:
         for member in npz.zip.namelist():
             if not member.endswith(".npy"):
                 raise DataError(f"{path}: member '{member}' is not a .npy array")
-            members[member[:-4]] = _NpyMember(npz, member, path)
+            array = _NpyMember(npz, member, path)
+            members[array.key] = array
         return CalibrationData(members, _model_of(model), str(path), closer=npz.close)
     except BaseException:
         npz.close()
