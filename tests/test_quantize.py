@@ -329,3 +329,22 @@ def test_insert_qdq_cannot_run_from_optimize_without_ranges(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "zenith-onnx quantize" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_quantize_model_with_external_data(tmp_path):
+    proto = synthetic.residual_cnn()
+    src = tmp_path / "res.onnx"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(proto)  # onnx.save rewrites the proto it saves to point at the data file
+    onnx.save(stored, src, save_as_external_data=True, location="res.weights", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 4))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "zenith_onnx", "quantize", str(src), "-o", str(out),
+                           "--data", str(tmp_path / "calib.npz")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "QLinearConv 8" in proc.stdout
+    feed = _samples(proto, 1, seed=3)[0]
+    ref = runtime.run(runtime.session(proto.SerializeToString()), feed)["output"]
+    got = runtime.run(runtime.session(str(out)), feed)["output"]
+    assert sqnr_db(ref, got) > 25

@@ -120,8 +120,16 @@ def _require(value, flag: str, command: str):
 
 
 def _check_output(inp: str, out: str) -> None:
+    """Refuse an output that would overwrite the input or cannot be written, before any work."""
+    import os
+
     if Path(out).resolve() == Path(inp).resolve():
         raise UsageError(f"{out}: the output would overwrite the input; choose another path")
+    folder = Path(out).resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{out}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{out}: cannot write to folder '{folder}' (Permission denied)")
 
 
 def _cmd_optimize(args) -> int:
@@ -279,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except ZenithError as e:
         print(f"zenith-onnx: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("zenith-onnx: interrupted", file=sys.stderr)
         return 130

@@ -43,6 +43,7 @@ from zenith_onnx.errors import ModelError, UsageError
 
 __all__ = [
     "MIN_OPSET",
+    "needs_external_data",
     "MAX_OPSET",
     "MIN_IR_VERSION",
     "MAX_IR_VERSION",
@@ -397,7 +398,7 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------- saving
 
 
-def _needs_external_data(model: ir.Model) -> bool:
+def needs_external_data(model: ir.Model) -> bool:
     """True when the weights exceed one protobuf, or some already live in external files
     (those must be rewritten beside the output, not referenced relative to it)."""
     total = 0
@@ -473,7 +474,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     ``external_data`` is true) keep their weights in ``<name>.data`` beside the file."""
     path = Path(path)
     if external_data is None:
-        external_data = _needs_external_data(model)
+        external_data = needs_external_data(model)
     data_name = path.name + ".data" if external_data else None
     with _staging_folder(path) as stage:
         staged = stage / path.name

@@ -28,8 +28,6 @@ LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-_INLINE_LIMIT = 1_500_000_000
-
 
 def model_bytes(model: ir.Model) -> bytes:
     """Serialize an in-memory model (weights inline)."""
@@ -43,12 +41,12 @@ def model_file(model: ir.Model | str | os.PathLike) -> Iterator[str]:
     if not isinstance(model, ir.Model):
         yield str(model)
         return
+    from zenith_onnx.modelio import needs_external_data
+
     with tempfile.TemporaryDirectory(prefix="zenith-") as tmp:
         path = Path(tmp) / "model.onnx"
-        big = sum(
-            v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
-        ) > _INLINE_LIMIT
-        ir.save(model, path, external_data="model.onnx.data" if big else None)
+        # Weights already in external files must be copied beside the temporary model.
+        ir.save(model, path, external_data="model.onnx.data" if needs_external_data(model) else None)
         yield str(path)
 
 
