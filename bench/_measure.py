@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["peak_rss_run", "interleaved_latency", "machine", "cpu_model", "cpu_flags"]
+__all__ = ["peak_rss_run", "interleaved_latency", "calibration_reader", "first_line", "machine", "cpu_model", "cpu_flags"]
 
 
 # ------------------------------------------------------------------ peak RSS of a subprocess
@@ -107,6 +107,26 @@ def interleaved_latency(
         }
         for label, t in times.items()
     }
+
+
+def calibration_reader(feeds: Sequence[Mapping[str, np.ndarray]]):
+    """An onnxruntime ``CalibrationDataReader`` handing out ``feeds`` once, in order."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedReader(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    return FeedReader()
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (onnxruntime's messages run to pages)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]
 
 
 # ------------------------------------------------------------------ machine

@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench._measure import interleaved_latency
+from bench._measure import calibration_reader, first_line, interleaved_latency
 
-__all__ = ["ModelCase", "VARIANTS", "synthetic_cases", "digits_case", "file_case", "compare", "run"]
+__all__ = ["ModelCase", "synthetic_cases", "digits_case", "file_case", "compare", "run"]
 
-VARIANTS = ("float", "ort_default", "ort_best", "ours")
 REPO = Path(__file__).resolve().parent.parent
 CALIB_SAMPLES = 32
 EVAL_SAMPLES = 64
@@ -104,14 +103,15 @@ def digits_case() -> ModelCase | None:
     return _held_out_split("digits_cnn", model, calib_feeds, "models/digits_cnn.onnx + models/digits_calib.npz")
 
 
-def file_case(model: Path, data: Path, eval_data: Path | None = None) -> ModelCase:
+def file_case(model: Path, data: Path, eval_data: Path | None = None, name: str | None = None) -> ModelCase:
     """A model from the command line. Held out: ``eval_data`` if given, otherwise the last
     quarter of ``data`` (which then is not used for calibration)."""
     feeds = _npz_feeds(model, data)
+    name = name or model.stem
     if eval_data is not None:
-        return ModelCase(model.stem, model, feeds, _npz_feeds(model, eval_data),
+        return ModelCase(name, model, feeds, _npz_feeds(model, eval_data),
                          source=f"{model}; calibration {data}; held out {eval_data}")
-    return _held_out_split(model.stem, model, feeds, f"{model} + {data}")
+    return _held_out_split(name, model, feeds, f"{model} + {data}")
 
 
 def _held_out_split(name: str, model: Path, feeds: list, source: str) -> ModelCase:
@@ -152,27 +152,17 @@ def quantize_ours(case: ModelCase, out: Path) -> dict:
     }
 
 
-class _Reader:
-    """onnxruntime CalibrationDataReader over a list of feeds."""
-
-    def __init__(self, feeds):
-        self._it = iter(feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def quantize_ort(case: ModelCase, out: Path, best: bool) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_static
 
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(case.calib)
+    reader = calibration_reader(case.calib)
     start = time.perf_counter()
     pre = out.with_suffix(".pre.onnx")
     info = {}
     try:
         quant_pre_process(str(case.path), str(pre))
     except Exception as e:  # its symbolic shape inference fails on some exports (#21476, #10484)
-        info["note"] = (f"quant_pre_process failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+        info["note"] = (f"quant_pre_process failed ({first_line(e)}); "
                         "retried with skip_symbolic_shape=True, as a user would")
         quant_pre_process(str(case.path), str(pre), skip_symbolic_shape=True)
     kwargs = {"per_channel": True, "activation_type": QuantType.QUInt8} if best else {}
@@ -193,23 +183,19 @@ def _fusion(path: Path) -> dict:
     try:
         report = fusion_report(str(path))
     except Exception as e:  # a model onnxruntime cannot optimize is a result, not a crash
-        return {"error": str(e).splitlines()[0][:300]}
+        return {"error": first_line(e)}
 
     def plain(op: str) -> str:
         return op.rpartition("::")[2]
 
     return {
-        "integer_ops": _merge({plain(op): n for op, n in report.integer_ops.items()}),
-        "float_ops": _merge({plain(op): n for op, n in report.float_ops.items()}),
+        "integer_ops": {plain(op): n for op, n in report.integer_ops.items()},
+        "float_ops": {plain(op): n for op, n in report.float_ops.items()},
         "float_fed_by_dq": {plain(op): len(v) for op, v in report.float_ops_fed_by_dq.items()},
         "float_fed_by_dq_nodes": {plain(op): list(v) for op, v in report.float_ops_fed_by_dq.items()},
         "quantize_linear": report.quantize_linear,
         "dequantize_linear": report.dequantize_linear,
     }
-
-
-def _merge(counts: dict[str, int]) -> dict[str, int]:
-    return dict(sorted(counts.items()))
 
 
 def _count_fused(path: Path) -> dict:
@@ -224,7 +210,7 @@ def _count_fused(path: Path) -> dict:
     for node in graph.node:
         if node.op_type.startswith(("QLinear", "MatMulInteger")) or node.op_type in ("QGemm", "ConvInteger", "MatMulNBits"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {"integer_ops": _merge(counts)}
+    return {"integer_ops": dict(sorted(counts.items()))}
 
 
 def _accuracy(case: ModelCase, paths: dict[str, Path]) -> dict:
@@ -259,6 +245,43 @@ def _latency(paths: dict[str, Path], feeds: list, threads: int, runs: int) -> di
     return interleaved_latency(sessions, feeds[:8], runs=runs, warmup=max(10, runs // 10))
 
 
+def op_profile(path: Path, feeds: list, runs: int = 200) -> dict:
+    """Where the time goes: onnxruntime's profiler at ORT_ENABLE_ALL, 1 thread; kernel time
+    per op type and the slowest nodes, in microseconds per run (the profiler adds a little
+    per node, so compare these within a model, not with the latency tables)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="zenith-profile-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for i in range(runs):  # the profile includes the first (cold) runs; they are few
+            sess.run(None, feeds[i % len(feeds)])
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    by_node: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op = e["args"].get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"]
+        node = by_node.setdefault(e["name"][: -len("_kernel_time")], [op, 0.0, e["args"].get("output_type_shape")])
+        node[1] += e["dur"]
+    total_runs = runs
+    return {
+        "total_us": sum(by_op.values()) / total_runs,
+        "by_op_us": {op: t / total_runs for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "slowest_nodes": [
+            {"node": name, "op": op, "us": t / total_runs, "output": shape}
+            for name, (op, t, shape) in sorted(by_node.items(), key=lambda kv: -kv[1][1])[:8]
+        ],
+    }
+
+
 def compare(case: ModelCase, folder: Path, runs: int = 200, threads: Sequence[int] = (1, 2), log=print) -> dict:
     """Quantize ``case`` with both tools and measure latency, fusion and accuracy."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -274,7 +297,7 @@ def compare(case: ModelCase, folder: Path, runs: int = 200, threads: Sequence[in
             row["quantize"][label] = fn(path)
             paths[label] = path
         except Exception as e:  # onnxruntime's quantizer failing on a model is a finding
-            row["quantize"][label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            row["quantize"][label] = {"error": first_line(e)}
             log(f"    {case.name}: {label} failed: {row['quantize'][label]['error']}")
     log(f"    {case.name}: quantized (" + ", ".join(
         f"{k} {v['quantize_s']:.2f} s" for k, v in row["quantize"].items() if "quantize_s" in v) + ")")
@@ -288,6 +311,8 @@ def compare(case: ModelCase, folder: Path, runs: int = 200, threads: Sequence[in
         log(f"    {case.name}: {t} thread(s): " + ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in lat.items())
             + " | " + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()))
     row["ratios"] = {t: _ratios(row["latency"][t]) for t in row["latency"]}
+    row["profile"] = {label: op_profile(paths[label], case.eval[:8], runs=max(50, runs // 2))
+                      for label in ("float", "ours") if label in paths}
     return row
 
 

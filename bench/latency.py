@@ -24,8 +24,13 @@ def measure(paths: list[Path], feeds: list[dict], threads: int = 1, runs: int = 
     """``{path: {median_ms, p90_ms, min_ms, runs}}`` for ``paths`` timed in alternating rounds."""
     from zenith_onnx import runtime
 
-    sessions = {str(p): runtime.session(str(p), "all", threads=threads) for p in paths}
+    sessions = {_label(paths, i): runtime.session(str(p), "all", threads=threads) for i, p in enumerate(paths)}
     return interleaved_latency(sessions, feeds, runs=runs, warmup=max(10, runs // 10))
+
+
+def _label(paths: list[Path], i: int) -> str:
+    """The path, numbered when the same file is given twice (to see the noise floor)."""
+    return str(paths[i]) if paths.count(paths[i]) == 1 else f"{paths[i]} #{paths[:i].count(paths[i]) + 1}"
 
 
 def _feeds(first: Path, data: Path | None, count: int = 8) -> list[dict]:
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     feeds = _feeds(args.models[0], args.data)
     for threads in args.threads:
         result = measure(args.models, feeds, threads, args.runs)
-        base = result[str(args.models[0])]["median_ms"]
+        base = result[_label(args.models, 0)]["median_ms"]
         print(f"{threads} thread(s), {args.runs} alternating rounds, ORT_ENABLE_ALL:")
         for path, r in result.items():
             print(f"  {path}: median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench._measure import peak_rss_run
+from bench._measure import calibration_reader, peak_rss_run
 
 __all__ = ["run", "DEFAULT_BLOCKS", "format_table"]
 
@@ -62,22 +62,18 @@ def _command(tool: str, model: Path | None, data: Path | None, out: Path | None)
 
 def _ort_child(model: str, data: str, out: str) -> None:
     """onnxruntime's pipeline as a user runs it; prints its step times as JSON."""
-    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
+    from onnxruntime.quantization import quant_pre_process, quantize_static
 
     with np.load(data, allow_pickle=False) as d:
         stacked = {k: d[k] for k in d.files}
     count = len(next(iter(stacked.values())))
-    feeds = iter([{k: v[i] for k, v in stacked.items()} for i in range(count)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(feeds, None)
+    reader = calibration_reader([{k: v[i] for k, v in stacked.items()} for i in range(count)])
 
     t0 = time.perf_counter()
     pre = out + ".pre.onnx"
     quant_pre_process(model, pre)
     t1 = time.perf_counter()
-    quantize_static(pre, out, Reader())
+    quantize_static(pre, out, reader)
     t2 = time.perf_counter()
     print(json.dumps({"steps_s": {"quant_pre_process": t1 - t0, "quantize_static": t2 - t1}, "pipeline_s": t2 - t0}))
 
