@@ -323,7 +323,7 @@ def test_observer_for():
         PercentileObserver(20.0)
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_relu_derivation_matches_observing_the_relu_output(method):
     batches = _widening_batches(11)
     derived_from = observer_for(method, percentile=99.0)
@@ -368,7 +368,6 @@ def test_relu_of_negative_and_constant_data():
     point.observe(np.full(10, -3.0, np.float32))
     assert point.relu().compute_range() == (0.0, 0.0) and point.relu().count == 10
     assert observer_for("moving_average").relu() is None
-    assert observer_for("entropy").relu() is None
 
 
 def test_entropy_is_not_pulled_down_by_the_zeros_of_a_relu():
