@@ -175,6 +175,15 @@ def test_every_method_stays_inside_the_observed_range(method):
     assert 0.0 <= ranges.tensors["relu"].min < 1e-3
 
 
+@pytest.mark.parametrize("method, derived", [("percentile", 2), ("moving_average", 1)])
+def test_relu_and_reshape_outputs_are_derived_not_fetched(method, derived, caplog):
+    with caplog.at_level(logging.INFO, logger="zenith_onnx.calibration"):
+        ranges = calibrate(_ir(_cnn_proto()), _cnn_samples(4), method=method)
+    # Reshape's output always follows its input; Relu's only where the state allows it.
+    assert f"observing 6 tensors: {5 - derived} fetched from onnxruntime, {derived} derived" in caplog.text
+    assert ranges.tensors["flat"] == ranges.tensors["pool"]
+
+
 def test_dynamic_batch_with_batch_size_above_one_matches_one_at_a_time():
     samples = _cnn_samples(10)
     one = calibrate(_ir(_cnn_proto()), samples, batch_size=1)

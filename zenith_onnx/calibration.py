@@ -3,9 +3,15 @@
 `calibrate` copies the model, runs the ``observe`` pass on the copy (the tensors to
 observe become graph outputs), runs the copy in onnxruntime at ``ORT_DISABLE_ALL`` (the
 activations of the unoptimized float graph, names intact) and feeds each returned
-activation to its observer before dropping it. Memory holds one batch of activations
-plus a fixed-size state per tensor (see `zenith_onnx.observers`), whatever the number of
-samples.
+activation to its observer before dropping it. Memory holds at most two batches of
+activations plus a fixed-size state per tensor (see `zenith_onnx.observers`), whatever
+the number of samples.
+
+Time: onnxruntime runs the next batch in a worker thread while this thread bins the
+previous one (onnxruntime releases the GIL; its intra-op thread count is ``threads``).
+Tensors whose values follow from another observed tensor are not fetched nor binned:
+outputs of Reshape/Flatten/Squeeze/Unsqueeze/Transpose/Identity hold the same values as
+their input, and a Relu output's state is derived from its input's (`Observer.relu`).
 
 The result is `Ranges` (`zenith_onnx.ranges`): ``ranges.tensors[name].min / .max``.
 Tensors that never received a value, or whose values were all equal, get a safe range
@@ -132,15 +138,18 @@ class _Observation:
         root, relu = self.derived.get(name, (name, False))
         return self.observers[root].relu() if relu else self.observers[root]
 
-    def feed(self, name: str, array: np.ndarray, span: tuple[int, int]) -> None:
+    def feed(self, name: str, array: np.ndarray, span: tuple[int, int] | None) -> None:
+        """Observe ``array`` for ``name``; ``span``: the samples it came from (None for a constant)."""
         try:
             self.observers[name].observe(array)
         except NonFiniteValuesError as e:
+            if span is None:
+                raise DataError(f"constant '{name}' has {e}") from None
             node = self._producers.get(name)
             origin = f" (output of node '{node.name}', {node.op_type})" if node is not None else ""
+            samples = f"sample {span[0]}" if span[1] - span[0] == 1 else f"samples {span[0]}..{span[1] - 1}"
             raise DataError(
-                f"activation '{name}'{origin} has {e} in sample{'s' if span[1] - span[0] > 1 else ''} "
-                f"{span[0]}{f'..{span[1] - 1}' if span[1] - span[0] > 1 else ''}; "
+                f"activation '{name}'{origin} has {e} in {samples}; "
                 "the float model produces non-finite values on this data"
             ) from None
 
@@ -169,17 +178,14 @@ def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Obser
         advance(span[1] - span[0])
 
     with _progress_bar(feeds.count, progress) as advance, ThreadPoolExecutor(1, "zenith-calibrate") as worker:
-        try:
-            previous = None
-            for feed in feeds:
-                current = (worker.submit(session.run, outputs, feed), feeds.span, feed)
-                if previous is not None:
-                    observe(*previous)
-                previous = current
+        previous = None
+        for feed in feeds:
+            current = (worker.submit(session.run, outputs, feed), feeds.span, feed)
             if previous is not None:
                 observe(*previous)
-        finally:
-            feeds.close()
+            previous = current
+        if previous is not None:
+            observe(*previous)
     return samples
 
 
@@ -245,7 +251,7 @@ def _calibrate(
             values = {v.name: v for v in (*graph.initializers.values(), *(o for n in graph for o in n.outputs))}
             for name in plan.constants:
                 if name in roots:
-                    observation.feed(name, _constant_array(values[name]), (0, 0))
+                    observation.feed(name, _constant_array(values[name]), None)
         fetch = [n for n in outputs if n in roots]
         logger.info("observing %d tensors: %d fetched from onnxruntime, %d derived from others",
                     len(observation.names), len(fetch), len(observation.derived))
