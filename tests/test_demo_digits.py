@@ -36,8 +36,10 @@ def test_int8_ptq_within_half_a_point_and_fused(demo):
     assert loss <= 0.5
     assert results["targets"]["int8_ptq_met"]
     # The model really is quantized (a no-op would pass the accuracy check): integer
-    # kernels fused by onnxruntime for all 4 convolutions, logits no longer identical.
-    assert by_name["int8 PTQ"]["integer_ops"].get("QLinearConv") == 4
+    # kernels fused by onnxruntime for the 3 convolutions after the 1-channel stem (kept
+    # float on purpose: faster there) and the head, logits no longer identical.
+    assert by_name["int8 PTQ"]["integer_ops"].get("QLinearConv") == 3
+    assert by_name["int8 PTQ"]["integer_ops"].get("com.microsoft::QGemm") == 1
     assert sum(by_name["int8 PTQ"]["integer_ops"].values()) > 0
     assert by_name["float"]["integer_ops"] == {}
     assert by_name["int8 PTQ"]["sqnr_db"] < 80

@@ -63,6 +63,12 @@ def test_conv_weights_stored_int8_per_channel_bias_int32():
     model = result.model
     convs = _nodes(model, "Conv")
     assert len(convs) == 8
+    stem, convs = convs[0], convs[1:]
+    # the 3-channel stem reads the raw input: float is faster there, and its output is quantized
+    assert stem.inputs[0].is_graph_input() and stem.inputs[1].is_initializer()
+    assert stem.inputs[1].dtype == ir.DataType.FLOAT
+    assert [c.op_type for c in stem.outputs[0].consumers()] == ["QuantizeLinear"]
+    assert any(x["node"] == stem.name and "faster" in x["reason"] for x in result.report["left_float"])
     for conv in convs:
         w_dq = conv.inputs[1].producer()
         assert w_dq.op_type == "DequantizeLinear"
@@ -160,10 +166,10 @@ def test_convtranspose_stays_float_with_reason():
 
 def test_exclude_by_name_and_type_and_unknown_name():
     proto = synthetic.residual_cnn()
-    first_conv = proto.graph.node[0].name
-    result = quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(exclude=(first_conv, "Add")),
+    second_conv = [n.name for n in proto.graph.node if n.op_type == "Conv"][1]
+    result = quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(exclude=(second_conv, "Add")),
                       check_fusion=False, report_samples=0)
-    assert result.report["quantized_ops"]["Conv"] == 7
+    assert result.report["quantized_ops"]["Conv"] == 6  # 8 - the excluded one - the float stem
     assert "Add" not in result.report["quantized_ops"]
     with pytest.raises(UsageError, match="no node or op type"):
         quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(exclude=("no_such_node",)))
@@ -253,7 +259,7 @@ def test_residual_cnn_fully_fused():
     model = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
     fusion = _fused(model)
     ops = fusion["integer_ops"]
-    assert ops.get("QLinearConv", 0) == 8
+    assert ops.get("QLinearConv", 0) == 7  # + the float stem Conv, by choice
     assert ops.get("com.microsoft::QLinearAdd", 0) == 2
     assert ops.get("com.microsoft::QGemm", 0) == 1
     leftovers = fusion["float_ops_fed_by_dq"]
@@ -311,13 +317,13 @@ def test_cli_quantize_end_to_end(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "QLinearConv" in proc.stdout and "SQNR" in proc.stdout
+    assert "QLinearConv 7" in proc.stdout and "SQNR" in proc.stdout
     assert src.read_bytes() == before
     import json
 
     data = json.loads(report.read_text())
     assert data["accuracy"]["sqnr_db"] > 25
-    assert data["fusion"]["integer_ops"]["QLinearConv"] == 8
+    assert data["fusion"]["integer_ops"]["QLinearConv"] == 7
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
@@ -343,7 +349,7 @@ def test_quantize_model_with_external_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "zenith_onnx", "quantize", str(src), "-o", str(out),
                            "--data", str(tmp_path / "calib.npz")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "QLinearConv 8" in proc.stdout
+    assert "QLinearConv 7" in proc.stdout
     feed = _samples(proto, 1, seed=3)[0]
     ref = runtime.run(runtime.session(proto.SerializeToString()), feed)["output"]
     got = runtime.run(runtime.session(str(out)), feed)["output"]
