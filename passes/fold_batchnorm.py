@@ -160,16 +160,18 @@ class _Rewriter:
         return ir.node(op_type, inputs, outputs=[output], name=self.unique(f"{base}_{op_type}"))
 
     def bypass(self, bn: ir.Node, replacement: ir.Value) -> None:
-        """Make everything that read BN's output read ``replacement``, then remove BN.
-        A graph output keeps its name, dtype and shape."""
+        """Make everything that read BN's output read ``replacement`` (which now computes
+        it), then remove BN. ``replacement`` takes BN's output name, so ranges and
+        references by tensor name (calibration files, graph outputs) keep meaning the
+        same values; a graph output also keeps its dtype and shape."""
         out = bn.outputs[0]
         was_output = out.is_graph_output()
         out.replace_all_uses_with(replacement, replace_graph_outputs=True)
+        name = out.name
+        out.name = None
         if was_output:
-            name = out.name
-            out.name = None
             _graph.copy_value_type(out, replacement)
-            replacement.name = name
+        replacement.name = name
         self.remove(bn)
 
     def remove(self, node: ir.Node) -> None:

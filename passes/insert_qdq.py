@@ -535,9 +535,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if channels is None or bias.shape[0] == channels:
                 qp = self._fit_bias(qp, bias, float(x_qp.scale), w, axis)
                 b_scale = (np.float32(x_qp.scale) * qp.scale).astype(np.float32)
-                b_scale = np.broadcast_to(b_scale, bias.shape).astype(np.float32) if axis is None else b_scale
-                b_q = kernels.quantize(bias, b_scale, 0, _INT32, axis=0)
-                b_qp = QParams(b_scale, np.zeros_like(b_q), ir.DataType.INT32, _INT32, 0)
+                b_axis = None if np.ndim(b_scale) == 0 else 0  # per-tensor weights: one bias scale
+                b_q = kernels.quantize(bias, b_scale, 0, _INT32, axis=b_axis)
+                b_qp = QParams(b_scale, np.zeros(np.shape(b_scale), np.int64), ir.DataType.INT32, _INT32, b_axis)
                 self._replace_with_dq(graph, node, rule.bias, bias_value, bias, b_qp, quantized=b_q, with_zp=False)
         self._replace_with_dq(graph, node, rule.weight, w_value, w, qp)
         return qp

@@ -354,3 +354,59 @@ def test_quantize_model_with_external_data(tmp_path):
     ref = runtime.run(runtime.session(proto.SerializeToString()), feed)["output"]
     got = runtime.run(runtime.session(str(out)), feed)["output"]
     assert sqnr_db(ref, got) > 25
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13, 17, 21])
+def test_opsets_11_to_21_and_opset_raised_only_when_needed(opset):
+    proto = synthetic.residual_cnn()
+    proto.opset_import[0].version = opset  # every op of this model has the same signature in 11-21
+    onnx.checker.check_model(proto)
+    result = quantize(_ir(proto), _samples(proto, 4), report_samples=2)
+    notes = " ".join(result.report["notes"])
+    if opset < 13:
+        assert f"raised the opset from {opset} to 13" in notes
+        assert result.model.opset_imports[""] == 13
+    else:
+        assert "raised the opset" not in notes
+        assert result.model.opset_imports[""] == opset
+    assert result.report["fusion"]["integer_ops"]["QLinearConv"] == 7
+    assert result.report["accuracy"]["sqnr_db"] > 30
+
+
+def test_per_tensor_at_opset_11_keeps_the_opset():
+    proto = synthetic.conv_bn_relu_cnn()
+    proto.opset_import[0].version = 11
+    result = quantize(_ir(proto), _samples(proto, 2), config=QuantConfig(per_channel=False), report_samples=0)
+    assert result.model.opset_imports[""] == 11
+    assert not result.report["notes"]
+    for dq in _nodes(result.model, "DequantizeLinear"):
+        assert "axis" not in dq.attributes and _const(dq.inputs[1]).ndim == 0 or dq.inputs[0].dtype == ir.DataType.INT32
+
+
+def test_16_bit_activations_raise_opset_21_and_use_uint16():
+    proto = synthetic.residual_cnn()
+    result = quantize(_ir(proto), _samples(proto, 4), config=QuantConfig(activation_bits=16), report_samples=2)
+    assert result.model.opset_imports[""] == 21
+    assert "16-bit activations need QuantizeLinear-21" in " ".join(result.report["notes"])
+    qs = _nodes(result.model, "QuantizeLinear")
+    assert qs and all(q.inputs[2].dtype == ir.DataType.UINT16 for q in qs)
+    eight = quantize(_ir(proto), _samples(proto, 4), report_samples=2)
+    assert result.report["accuracy"]["sqnr_db"] >= eight.report["accuracy"]["sqnr_db"]
+
+
+def test_cli_calibrate_then_quantize_with_ranges(tmp_path):
+    proto = synthetic.residual_cnn()
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 4))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "zenith_onnx", *map(str, a)], capture_output=True, text=True)
+    proc = run("calibrate", src, "--data", tmp_path / "calib.npz", "-o", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    proc = run("quantize", src, "-o", tmp_path / "q.onnx", "--ranges", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "QLinearConv 7" in proc.stdout
+    direct = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    via_ranges = ir.load(tmp_path / "q.onnx")
+    s1 = sorted(float(_const(q.inputs[1])) for q in _nodes(direct, "QuantizeLinear"))
+    s2 = sorted(float(_const(q.inputs[1])) for q in _nodes(via_ranges, "QuantizeLinear"))
+    np.testing.assert_allclose(s1, s2, rtol=1e-6)  # same ranges -> same scales
