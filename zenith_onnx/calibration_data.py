@@ -84,7 +84,8 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
                 dtype = np.dtype(value.dtype.numpy())
             except (TypeError, ValueError):
                 dtype = None
-        shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
+        # Some exporters (Paddle) write -1 for a dynamic dim: it is symbolic too.
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape, value.is_initializer()))
     return specs
 

@@ -65,7 +65,7 @@ def random_feeds(model: ir.Model, seed: int = 0, dim: int = 1) -> dict[str, np.n
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        shape = [d if isinstance(d, int) else dim for d in (value.shape or [])]
+        shape = [d if isinstance(d, int) and d >= 0 else dim for d in (value.shape or [])]  # -1: dynamic (Paddle)
         dtype = _NUMPY_OF.get(value.dtype, np.float32)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
