@@ -595,6 +595,10 @@ def update_readme(results: dict, readme: Path = REPO / "README.md") -> bool:
         *_missed_text(results),
         *(["Quantizer time and peak memory on Conv-BN-Relu chains (fresh process each):", "",
            render_tool(_data(results, "tool")), ""] if _data(results, "tool") else []),
+        *(["Calibration peak memory and time by number of samples, zenith-onnx's streaming observers next to "
+           "onnxruntime's calibrators (`bench/calib_memory.py`, fresh process each; 'plain inference' runs the "
+           "float model over the same samples):", "", render_calib(_data(results, "calib")), ""]
+          if _data(results, "calib") else []),
         README_END,
     ])
     text = readme.read_text()
