@@ -13,6 +13,7 @@ help:
 	@echo "make test   - run the test suite (installs the qat and test extras)"
 	@echo "make bench  - benchmark against onnxruntime's quantizer, write bench/results.md"
 	@echo "make sine   - run the PTQ-vs-QAT sine demo (needs torch)"
+	@echo "make models - fetch the real models of models/zoo.json into .cache/zoo/ (network, ~40 MB once)"
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,14 @@ test: $(VENV)/.full
 
 bench: $(VENV)/.full
 	$(PY) -m bench $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)
+
+# Pillow decodes the sample images at fetch time only (also in the test extra).
+$(VENV)/.zoo: $(VENV)/.base
+	$(PIP) "pillow>=10"
+	touch $@
+
+models: $(VENV)/.zoo
+	$(PY) -m zenith_onnx.zoo fetch
 
 clean:
 	rm -rf $(VENV) demo-out bench/out .pytest_cache

@@ -5,6 +5,7 @@ Installed as ``zenith_onnx.passes``. Importing this package registers every pass
 
 from zenith_onnx.passes import cleanup, insert_qdq, strip_qdq  # noqa: F401
 from zenith_onnx.passes import fold_batchnorm  # noqa: F401
+from zenith_onnx.passes import fuse_bias_add  # noqa: F401
 from zenith_onnx.passes import observe  # noqa: F401
 from zenith_onnx.passes.registry import DEFAULT_OPTIMIZE, available, build_pipeline, create, register
 

@@ -30,7 +30,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The float-preserving pipeline `zenith-onnx optimize` runs by default.
-DEFAULT_OPTIMIZE: tuple[str, ...] = ("lift_constants", "fold_batchnorm", "cleanup")
+DEFAULT_OPTIMIZE: tuple[str, ...] = ("lift_constants", "fuse_bias_add", "fold_batchnorm", "cleanup")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_list_passes_shows_fold_batchnorm(capsys):
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("fold_batchnorm "))
     assert row.split(None, 1)[1] == FoldBatchNormPass.__doc__.splitlines()[0]
-    assert "default pipeline: lift_constants,fold_batchnorm,cleanup" in lines
+    assert "default pipeline: lift_constants,fuse_bias_add,fold_batchnorm,cleanup" in lines
 
 
 def test_passes_option_runs_only_those(model_path, tmp_path, capsys):
@@ -110,5 +110,5 @@ def test_failing_pass_is_named_and_writes_nothing(model_path, tmp_path, capsys, 
     assert code == 2
     _assert_failed_cleanly(
         capsys, tmp_path, model_path, digest,
-        "pass 'fold_batchnorm' failed (passes run before it: lift_constants)", "weights exploded",
+        "pass 'fold_batchnorm' failed (passes run before it: lift_constants, fuse_bias_add)", "weights exploded",
     )
