@@ -217,6 +217,7 @@ def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
     integer: Counter[str] = Counter()
     floats: Counter[str] = Counter()
     fed: dict[str, dict[str, None]] = {}  # op -> reader names, each once
+    unnamed: dict[int, int] = {}
     feeding = 0
     moving: Counter[str] = Counter()
     integer_values = _integer_values(optimized)
@@ -236,7 +237,10 @@ def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
         readers = [use.node for use in node.outputs[0].uses() if use.node.op_type != "QuantizeLinear"]
         feeding += bool(readers)
         for reader in readers:
-            fed.setdefault(_op_name(reader), {})[reader.name or f"<unnamed {reader.op_type}>"] = None
+            # onnxruntime leaves the nodes of an inlined function (HardSwish -> HardSigmoid +
+            # Mul) unnamed: number them, or they would count as one.
+            label = reader.name or f"<unnamed {reader.op_type} {unnamed.setdefault(id(reader), len(unnamed) + 1)}>"
+            fed.setdefault(_op_name(reader), {})[label] = None
     logger.debug("%s at ORT_ENABLE_EXTENDED: %s", name, dict(ops))
     warnings = [
         f"Relu '{r}' feeds a 4-bit QuantizeLinear and onnxruntime dropped it at ORT_ENABLE_EXTENDED "
