@@ -7,13 +7,13 @@ the file and the problem, before any pass sees the model:
 - the bytes: not protobuf, truncated, protobuf of another message (a TensorProto parses as
   a ModelProto without a graph);
 - the versions: ir_version or ai.onnx opset older or newer than we (and onnxruntime) handle;
-- the graph (main graph, subgraphs, local functions): a tensor defined twice, a node or
-  graph output reading a name nothing defines, a cycle, an ai.onnx op that does not exist
-  at the model's opset;
+- the graph (main graph, subgraphs, local functions): no graph output, a tensor defined
+  twice, a node or graph output reading a name nothing defines, a cycle, an ai.onnx op
+  that does not exist at the model's opset, a node of a domain the model does not import;
 - the tensors: dims that do not match the data held, external data outside the model's
   folder (``..``, absolute paths, symlinks leaving it) or shorter than the tensor.
 
-Ops of other domains (custom ops) are accepted untouched: passes leave them alone and
+Ops of other (imported) domains (custom ops) are accepted untouched: passes leave them alone and
 `inspect` lists them. Nodes stored out of topological order (legal for onnxruntime, not for
 the ONNX checker) are sorted on load.
 
@@ -86,7 +86,18 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as e:  # the checks above should leave nothing for the IR to reject
         raise ModelError(f"{path}: malformed ONNX graph ({_first_line(e)})") from None
     _sort_if_needed(model, path)
+    _normalize_default_domain(model)
     return model
+
+
+def _normalize_default_domain(model: ir.Model) -> None:
+    # onnx_ir writes default-domain nodes with domain "", so an opset imported as
+    # "ai.onnx" must become "" too (else onnx shape inference and onnxruntime find no
+    # opset for them).
+    for owner in (model, *model.functions.values()):
+        if "ai.onnx" in owner.opset_imports:
+            version = owner.opset_imports.pop("ai.onnx")
+            owner.opset_imports.setdefault("", version)
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
@@ -131,7 +142,9 @@ def check_model_proto(proto: onnx.ModelProto, *, name: str = "model", base_dir: 
     opset = opsets.get("", opsets.get("ai.onnx", 0))
     if opset and not MIN_OPSET <= opset <= MAX_OPSET:
         raise ModelError(f"{name}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
-    checker = _StructureChecker(name, opset, {(f.domain, f.name) for f in proto.functions})
+    if not proto.graph.output:
+        raise ModelError(f"{name}: the main graph has no outputs")
+    checker = _StructureChecker(name, opset, {(f.domain, f.name) for f in proto.functions}, set(opsets))
     checker.check_graph(proto.graph, "main graph", scopes=[])
     seen_functions = set()
     for function in proto.functions:
@@ -141,6 +154,7 @@ def check_model_proto(proto: onnx.ModelProto, *, name: str = "model", base_dir: 
         seen_functions.add(key)
         f_opsets = {o.domain or "": o.version for o in function.opset_import}
         checker.opset = f_opsets.get("", f_opsets.get("ai.onnx", opset))
+        checker.domains = set(f_opsets)
         checker.check_function(function)
     base = Path(base_dir).resolve() if base_dir is not None else None
     for tensor, where in checker.tensors:
@@ -151,10 +165,11 @@ class _StructureChecker:
     """Name-level checks on the protobuf: one definition per tensor, every read defined,
     no cycles, ai.onnx ops that exist. Linear in the number of nodes and names."""
 
-    def __init__(self, name: str, opset: int, functions: set[tuple[str, str]]):
+    def __init__(self, name: str, opset: int, functions: set[tuple[str, str]], domains: set[str]):
         self.name = name
         self.opset = opset
         self.functions = functions
+        self.domains = domains  # the opset_import domains in force
         self.tensors: list[tuple[onnx.TensorProto, str]] = []
         self.unsorted = False
         self._schema_ok: dict[tuple[str, int], bool] = {}
@@ -274,7 +289,11 @@ class _StructureChecker:
 
     def _check_op(self, node, where: str) -> None:
         domain = node.domain or ""
-        if domain not in _DEFAULT_DOMAINS or (domain, node.op_type) in self.functions:
+        if (domain, node.op_type) in self.functions:
+            return
+        if domain not in _DEFAULT_DOMAINS:
+            if domain not in self.domains:
+                self.fail(f"{_label(node)} in the {where} uses domain '{domain}', which the model does not import (no opset_import entry)")
             return
         if not self.opset:
             self.fail(f"{_label(node)} in the {where} uses the ai.onnx domain but the model imports no ai.onnx opset")
