@@ -35,7 +35,7 @@ import onnx_ir as ir
 from zenith_onnx import kernels
 from zenith_onnx.passes._graph import attr_int, constant_array, is_default_domain, make_initializer
 from zenith_onnx.passes.registry import register
-from zenith_onnx.errors import UsageError
+from zenith_onnx.errors import ModelError, UsageError
 from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS, SLOW_WHEN_QUANTIZED
 
@@ -517,6 +517,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             c = constant_array(v)
             if c is None or c.dtype != np.float32:
                 continue
+            _check_finite(c, v, node)
             lo, hi = float(c.min()), float(c.max())
             qrange = self._activation_range()
             scale, zp = kernels.scale_zero_point(lo, hi, qrange, symmetric=False)
@@ -524,6 +525,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self._replace_with_dq(graph, node, i, v, c, qp)
 
     def _quantize_weight(self, graph, node, rule, w_value, w, params) -> QParams:
+        _check_finite(w, w_value, node)
         axis = self._weight_axis(node, w)
         frozen = w_value.meta.get(FROZEN_QPARAMS)
         qp = self._weight_qparams(w, axis, frozen)
@@ -531,6 +533,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         bias = constant_array(bias_value)
         x_qp = params.get(node.inputs[0])
         if bias is not None and x_qp is not None and bias.ndim == 1 and bias.dtype == np.float32:
+            _check_finite(bias, bias_value, node)
             channels = w.shape[axis] if axis is not None else None
             if channels is None or bias.shape[0] == channels:
                 qp = self._fit_bias(qp, bias, float(x_qp.scale), w, axis)
@@ -543,10 +546,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return qp
 
     def _fit_bias(self, qp: QParams, bias: np.ndarray, x_scale: float, w: np.ndarray, axis: int | None) -> QParams:
-        """Raise weight scales whose int32 bias would overflow (tiny weights, big bias)."""
+        """Raise weight scales whose int32 bias would overflow (tiny weights, big bias), or
+        whose bias scale ``x_scale * w_scale`` would not be a normal float32 (it would
+        round to 0 or a denormal for weights near 1e-36)."""
         limit = float(_INT32.qmax) * 0.5  # headroom: the kernel adds products to the bias
         w_scale = np.asarray(qp.scale, dtype=np.float64)
         need = np.abs(bias.astype(np.float64)) / (x_scale * limit)
+        need = np.maximum(need, 2.0 * float(np.finfo(np.float32).tiny) / x_scale)
         if axis is None:
             need = need.max(initial=0.0)
         raised = np.maximum(w_scale, need)
@@ -574,3 +580,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
             dq.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(node, dq)
         node.replace_input_with(slot, dq.outputs[0])
+
+
+def _check_finite(array: np.ndarray, value: ir.Value, node: ir.Node) -> None:
+    """A constant with NaN or Inf has no quantization range: refuse it by name."""
+    if not np.isfinite(array).all():
+        what = "NaN" if np.isnan(array).any() else "Inf"
+        where = f"{node.op_type} node '{node.name}'" if node.name else f"a {node.op_type} node"
+        raise ModelError(f"constant '{value.name}' of {where} has {what} values; cannot quantize it")
