@@ -30,6 +30,8 @@ FORMAT = "zenith-onnx-ranges/1"
 # A range narrower than this (after including 0) is widened to it: the scale of a
 # 16-bit grid on it stays a normal float32, and 0 stays exactly representable.
 MIN_RANGE_WIDTH = 1e-6
+# Bounds past the float32 range would give an infinite float32 scale.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,8 @@ class Ranges:
             raise DataError(f"{path}: cannot read ranges file ({getattr(e, 'strerror', None) or e})") from None
         try:
             data = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}: not valid JSON ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
         return cls.from_dict(data, str(path))
 
 
@@ -136,6 +138,8 @@ def _reject_constant(name: str):
 
 
 def _finite(value, source: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{source}: {what} must be a finite number, got {value!r}")
-    return float(value)
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= _FLOAT32_MAX else math.nan
+    if not math.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise DataError(f"{source}: {what} must be a finite number (float32, |x| <= 3.4e38), got {shown}")
+    return number
