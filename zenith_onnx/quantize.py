@@ -286,6 +286,7 @@ def quantize_file(
     """CLI entry: load, quantize, save atomically, print the report."""
     from zenith_onnx.modelio import atomic_output, load_model, save_model
 
+    _check_paths(model_path, output_path, data, ranges, report_path)
     if data is None and ranges is None:
         data_hint = None
     else:
@@ -303,6 +304,20 @@ def quantize_file(
     print(result.format())
     print(f"{model_path} -> {output_path}")
     return result
+
+
+def _check_paths(model_path, output_path, data, ranges, report_path) -> None:
+    """Before any work: no output may overwrite an input or the other output, and the
+    report's folder must exist (else the model would be written and the report fail)."""
+    inputs = [p for p in (model_path, data, ranges) if isinstance(p, (str, os.PathLike))]
+    outputs = [p for p in (output_path, report_path) if p]
+    for k, out in enumerate(outputs):
+        resolved = Path(out).resolve()
+        for what, other in [*(("input", p) for p in inputs), *(("output", p) for p in outputs[:k])]:
+            if resolved == Path(other).resolve():
+                raise UsageError(f"{out}: this output would overwrite the {what} '{other}'; choose another path")
+        if not resolved.parent.is_dir():
+            raise UsageError(f"{out}: output folder '{Path(out).parent}' does not exist")
 
 
 def _json_default(x):
