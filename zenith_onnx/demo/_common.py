@@ -18,7 +18,14 @@ import onnxruntime as ort
 
 from zenith_onnx.errors import ModelError
 
-__all__ = ["models_dir", "measure_latency", "format_table", "machine_info", "plot_panels"]
+__all__ = [
+    "models_dir",
+    "measure_latency",
+    "format_table",
+    "machine_info",
+    "plot_panels",
+    "quantize_qat_export",
+]
 
 # The shipped models live at the top of the source tree, beside the package.
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -127,3 +134,24 @@ def plot_panels(path: Path, title: str, labels: Sequence[str], panels: Sequence[
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def quantize_qat_export(model, calibration, config):
+    """Quantize a QAT export (`zenith_onnx.qat.export_qat`) with the ranges it learned;
+    only if some tensor has none, quantize again with ``calibration`` (any calibration
+    data `zenith_onnx.quantize.quantize` takes) and add a note to the report saying so.
+    Returns the `QuantizeResult`."""
+    from zenith_onnx.errors import UsageError
+    from zenith_onnx.quantize import quantize
+
+    try:
+        result = quantize(model, config=config, check_fusion=False, report_samples=0)
+        missing = [f for f in result.report.get("left_float", []) if "no calibrated range" in f["reason"]]
+    except UsageError:  # no frozen range at all
+        missing = ["all"]
+    if missing:
+        result = quantize(model, calibration, config=config, check_fusion=False, report_samples=0)
+        result.report.setdefault("notes", []).append(
+            f"the QAT model lacked ranges for {len(missing)} op(s): calibrated those on the calibration data"
+        )
+    return result
