@@ -14,7 +14,9 @@ from onnx import numpy_helper
 pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 
-from zenith_onnx.demo import sine  # noqa: E402
+from zenith_onnx.demo import _common, sine  # noqa: E402
+from zenith_onnx.modelio import load_model  # noqa: E402
+from zenith_onnx.qconfig import QuantConfig  # noqa: E402
 from zenith_onnx.errors import UsageError  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -78,3 +80,13 @@ def test_missing_torch_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"needs torch.*zenith-onnx\[qat\]"):
         sine.run_demo(out_dir=tmp_path, quick=True)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_model_without_ranges_is_calibrated_and_says_so():
+    # The demo's QAT exports carry every range; a float model carries none, so the helper
+    # falls back to the calibration data and notes it.
+    src = _common.models_dir(["digits_cnn.onnx", "digits_calib.npz"])
+    result = _common.quantize_qat_export(load_model(src / "digits_cnn.onnx"), src / "digits_calib.npz",
+                                         QuantConfig(), "digits_calib.npz")
+    assert any("calibrated those on digits_calib.npz" in n for n in result.report["notes"])
+    assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph) > 0

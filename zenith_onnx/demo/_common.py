@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from zenith_onnx.errors import ModelError
+from zenith_onnx.errors import ModelError, UsageError
 
 __all__ = [
     "models_dir",
@@ -136,12 +136,11 @@ def plot_panels(path: Path, title: str, labels: Sequence[str], panels: Sequence[
     return True
 
 
-def quantize_qat_export(model, calibration, config):
+def quantize_qat_export(model, calibration, config, calibration_label: str = "the calibration data"):
     """Quantize a QAT export (`zenith_onnx.qat.export_qat`) with the ranges it learned;
     only if some tensor has none, quantize again with ``calibration`` (any calibration
     data `zenith_onnx.quantize.quantize` takes) and add a note to the report saying so.
     Returns the `QuantizeResult`."""
-    from zenith_onnx.errors import UsageError
     from zenith_onnx.quantize import quantize
 
     try:
@@ -152,6 +151,6 @@ def quantize_qat_export(model, calibration, config):
     if missing:
         result = quantize(model, calibration, config=config, check_fusion=False, report_samples=0)
         result.report.setdefault("notes", []).append(
-            f"the QAT model lacked ranges for {len(missing)} op(s): calibrated those on the calibration data"
+            f"the QAT model lacked ranges for {len(missing)} op(s): calibrated those on {calibration_label}"
         )
     return result

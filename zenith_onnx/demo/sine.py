@@ -234,7 +234,7 @@ def _run_seed(torch, seed: int, steps: int, save_to: Path | None) -> dict:
     name = exported.graph.inputs[0].name
     # Only used if the export lacks a range: the training inputs, in the export's batch shape.
     calibration = [{name: np.resize(d["x"], d["x_eval"].shape)}]
-    result = quantize_qat_export(exported, calibration, QuantConfig(weight_bits=WEIGHT_BITS))
+    result = quantize_qat_export(exported, calibration, QuantConfig(weight_bits=WEIGHT_BITS), "the training inputs")
     feed = {name: d["x_eval"]}
     onnx_pred = runtime.run(runtime.session(result.model, "all", threads=1), feed)
     reference = runtime.run(runtime.session(result.model, "disable_all"), feed)
