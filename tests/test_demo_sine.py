@@ -53,6 +53,7 @@ def test_onnx_path_matches_torch_qat(demo):
     for d in results["onnx_vs_torch"]:
         assert d["rel"] <= 0.02 or d["abs"] <= 1e-4, d
     assert results["relations"]["onnx_matches_torch"]
+    assert not results["calibration_data_used"]  # the export's own ranges sufficed
     # The only difference is the int32 bias of the integer kernels: with it, torch and
     # onnxruntime agree to float rounding (predictions are ~1, float32 eps 1.2e-7).
     assert results["relations"]["onnx_vs_torch_with_int32_bias_max_abs"] < 1e-5
@@ -89,4 +90,5 @@ def test_a_model_without_ranges_is_calibrated_and_says_so():
     result = _common.quantize_qat_export(load_model(src / "digits_cnn.onnx"), src / "digits_calib.npz",
                                          QuantConfig(), "digits_calib.npz")
     assert any("calibrated those on digits_calib.npz" in n for n in result.report["notes"])
+    assert result.report["calibration_data_used"]
     assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph) > 0

@@ -140,7 +140,7 @@ def quantize_qat_export(model, calibration, config, calibration_label: str = "th
     """Quantize a QAT export (`zenith_onnx.qat.export_qat`) with the ranges it learned;
     only if some tensor has none, quantize again with ``calibration`` (any calibration
     data `zenith_onnx.quantize.quantize` takes) and add a note to the report saying so.
-    Returns the `QuantizeResult`."""
+    Returns the `QuantizeResult`; its report's ``calibration_data_used`` says which."""
     from zenith_onnx.quantize import quantize
 
     try:
@@ -153,4 +153,5 @@ def quantize_qat_export(model, calibration, config, calibration_label: str = "th
         result.report.setdefault("notes", []).append(
             f"the QAT model lacked ranges for {len(missing)} op(s): calibrated those on {calibration_label}"
         )
+    result.report["calibration_data_used"] = bool(missing)
     return result
