@@ -65,6 +65,9 @@ def test_onnx_path_matches_torch_qat(demo):
     weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     weights = [w for w in weights if w.ndim == 2]
     assert len(weights) == 3 and all(np.abs(w).max() == 7 for w in weights)
+    # ... and onnxruntime runs every layer as an integer kernel.
+    assert results["fusion_seed0"]["integer_ops"] == {"com.microsoft::QGemm": 3}
+    assert results["fusion_seed0"]["fully_fused"]
 
 
 def test_files_written(demo):

@@ -30,7 +30,8 @@ The experiment of the Zenith QAT notebook (05_qat_from_scratch), measured over s
 
 The expected relations (QAT <= 2x FP32, PTQ >= 5x QAT; on the mean MSE over seeds) are
 checked and reported, never tuned for. Writes ``results.json``, ``qat_success.png``
-(seed 0's curves) and seed 0's ONNX models to the output folder and prints a table.
+(seed 0's curves) and seed 0's ONNX models (with the integer kernels onnxruntime fuses
+from the quantized one) to the output folder and prints a table.
 Needs the ``qat`` extra (torch, onnxscript); matplotlib for the plot.
 """
 
@@ -48,6 +49,7 @@ import onnx_ir as ir
 from zenith_onnx import kernels, runtime
 from zenith_onnx.demo._common import format_table, machine_info, quantize_qat_export
 from zenith_onnx.errors import UsageError
+from zenith_onnx.fusion import fusion_report
 from zenith_onnx.modelio import atomic_output, save_model
 from zenith_onnx.qconfig import QuantConfig
 
@@ -240,9 +242,12 @@ def _run_seed(torch, seed: int, steps: int, save_to: Path | None) -> dict:
     onnx_pred = runtime.run(runtime.session(result.model, "all", threads=1), feed)
     reference = runtime.run(runtime.session(result.model, "disable_all"), feed)
     onnx_s = time.perf_counter() - t
+    fusion = None
     if save_to is not None:
         save_model(exported, save_to / "qat_int4_export.onnx")
         save_model(result.model, save_to / "qat_int4.onnx")
+        report = fusion_report(result.model).to_dict()
+        fusion = {k: report[k] for k in ("integer_ops", "float_ops", "float_ops_fed_by_dq", "fully_fused")}
 
     deployed_bias = copy.deepcopy(qat)
     with torch.no_grad():
@@ -265,6 +270,7 @@ def _run_seed(torch, seed: int, steps: int, save_to: Path | None) -> dict:
         "mse": {k: _mse(p, d["y_eval"]) for k, p in pred.items()},
         "notes": result.report.get("notes", []),
         "calibration_data_used": calibrated,
+        "fusion": fusion,
         "onnx_vs_torch_with_int32_bias_max_abs": float(bias_only.max()),
         "times_s": {"fp32_train": fp32_s, "qat_train": qat_s, "export_quantize_run": onnx_s},
     }
@@ -326,6 +332,7 @@ def _results(runs: list[dict], quick: bool, steps: int, elapsed: float) -> dict:
         "relations": relations,
         "onnx_vs_torch": onnx_diff,
         "calibration_data_used": any(r["calibration_data_used"] for r in runs),
+        "fusion_seed0": runs[0]["fusion"],
         "notes": sorted({n for r in runs for n in r["notes"]}),
         "times_s": {"per_seed": [r["times_s"] for r in runs], "experiment": elapsed},
     }
@@ -392,6 +399,10 @@ def _print(results: dict, out: Path, plotted: bool) -> None:
     print("quantize completed the QAT export " + (
         "after calibrating missing ranges on the training inputs (see notes)" if results["calibration_data_used"]
         else "with the ranges learned in QAT alone (no calibration data)"))
+    fusion = results["fusion_seed0"]
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(fusion["integer_ops"].items())) or "none"
+    print(f"onnxruntime (ORT_ENABLE_EXTENDED) runs seed 0's quantized model with integer ops: {ops}; "
+          f"{'fully fused' if fusion['fully_fused'] else 'float ops left: ' + str(fusion['float_ops'])}")
     for note in results["notes"]:
         print(f"note: {note}")
     if not plotted:
