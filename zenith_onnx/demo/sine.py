@@ -251,7 +251,7 @@ def _run_seed(torch, seed: int, steps: int, save_to: Path | None) -> dict:
 
     deployed_bias = copy.deepcopy(qat)
     with torch.no_grad():
-        for layer, bias in zip(_linears(torch, deployed_bias), _gemm_biases(result.model)):
+        for layer, bias in zip(_linears(torch, deployed_bias), _gemm_biases(result.model), strict=True):
             layer.bias.copy_(torch.from_numpy(bias))
     bias_only = np.abs(_predict(torch, deployed_bias, d["x_eval"]) - next(iter(reference.values())))
 
