@@ -5,7 +5,7 @@ the file and the problem, before any pass sees the model:
 
 - the file: missing, a folder, not a regular file, empty, larger than one protobuf can be;
 - the bytes: not protobuf, truncated, protobuf of another message (a TensorProto parses as
-  a ModelProto without a graph);
+  a ModelProto without a graph), a name or other text field that is not valid UTF-8;
 - the versions: ir_version or ai.onnx opset older or newer than we (and onnxruntime) handle;
 - the graph (main graph, subgraphs, local functions): no graph output, a tensor defined
   twice, a node or graph output reading a name nothing defines, a cycle, an ai.onnx op
@@ -65,6 +65,7 @@ MAX_IR_VERSION = onnx.IR_VERSION
 PROTOBUF_LIMIT = 1_800_000_000
 _PROTOBUF_HARD_LIMIT = 2**31 - 1
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_ATTRIBUTE_TYPES = frozenset(onnx.AttributeProto.AttributeType.values()) - {onnx.AttributeProto.UNDEFINED}
 
 
 def default_opset(model: ir.Model) -> int:
@@ -133,6 +134,9 @@ def check_model_proto(proto: onnx.ModelProto, *, name: str = "model", base_dir: 
     model we can work on. ``base_dir`` is the model's folder, for external data."""
     if proto.ir_version == 0:
         raise ModelError(f"{name}: not an ONNX model (no ir_version)")
+    bad_text = _invalid_text_field(proto)
+    if bad_text:
+        raise ModelError(f"{name}: text field {bad_text} is not valid UTF-8")
     if not MIN_IR_VERSION <= proto.ir_version <= MAX_IR_VERSION:
         raise ModelError(
             f"{name}: ir_version {proto.ir_version} is not supported "
@@ -238,6 +242,8 @@ class _StructureChecker:
                 if name:
                     read(name, k, _label(node))
             for attr in node.attribute:
+                if attr.type not in _ATTRIBUTE_TYPES:
+                    self.fail(f"attribute '{attr.name}' of {_label(node)} in the {where} has no valid type ({attr.type})")
                 if attr.type == onnx.AttributeProto.TENSOR:
                     self.tensors.append((attr.t, f"attribute '{attr.name}' of {_label(node)}"))
                 elif attr.type == onnx.AttributeProto.TENSORS:
@@ -308,6 +314,27 @@ class _StructureChecker:
             known = onnx.defs.has(node.op_type)
             why = f"does not exist in ai.onnx opset {self.opset}" if known else "is not an ONNX operator"
             self.fail(f"{_label(node)} in the {where}: op '{node.op_type}' {why} (custom ops need their own domain)")
+
+
+def _invalid_text_field(message) -> str | None:
+    """Path of the first string field that is not valid UTF-8, else None. ONNX is proto2,
+    whose parser keeps such a string as bytes: it would fail later, deep in a pass or in
+    serialization."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        repeated = _repeated(field)
+        for index, item in enumerate(value if repeated else [value]):
+            found = isinstance(item, bytes) if field.type == field.TYPE_STRING else _invalid_text_field(item)
+            if found:
+                where = f"{field.name}[{index}]" if repeated else field.name
+                return where if found is True else f"{where}.{found}"
+    return None
+
+
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; `label` before
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def _label(node) -> str:
