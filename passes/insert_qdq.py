@@ -470,7 +470,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             graph.insert_before(use.node, dq)
             use.node.replace_input_with(use.idx, dq.outputs[0])
             first = first or dq.outputs[0].name
-        if v.is_graph_output():
+        if v.is_graph_output() and not v.is_graph_input():  # a model input passed through stays exact
             name = v.name
             v.name = f"{name}_float"
             dq = self._dq(graph, q.outputs[0], scale, zp, None, name)
