@@ -274,6 +274,11 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("onnx_ir").setLevel(max(level, logging.WARNING))
 
 
+def _one_line(text: str) -> str:
+    """Names in a model (or a path) may hold newlines or terminal escapes: print them escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     traceback_wanted = "--traceback" in (argv if argv is not None else sys.argv[1:])
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return args.handler(args)
     except ZenithError as e:
-        print(f"zenith-onnx: error: {e}", file=sys.stderr)
+        print(f"zenith-onnx: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         sys.stderr.close()
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line unless --traceback
         if traceback_wanted:
             raise
-        first = (str(e).splitlines() or [""])[0][:300]
+        first = _one_line((str(e).splitlines() or [""])[0][:300])
         print(
             f"zenith-onnx: internal error: {type(e).__name__}: {first} (rerun with --traceback and report it)",
             file=sys.stderr,
