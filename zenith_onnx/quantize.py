@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from zenith_onnx.errors import UsageError
+from zenith_onnx.errors import DataError, UsageError
 from zenith_onnx.passes import build_pipeline
 from zenith_onnx.passes.insert_qdq import FROZEN_QPARAMS, InsertQDQPass, plan_quantization
 from zenith_onnx.passes.strip_qdq import StripQDQPass
@@ -196,9 +196,9 @@ def accuracy_report(
     q_sess = runtime.session(q_model, "disable_all")
     ref: dict[str, list] = {}
     got: dict[str, list] = {}
-    for feed in feeds:
-        a = runtime.run(f_sess, feed)
-        b = runtime.run(q_sess, feed)
+    for k, feed in enumerate(feeds):
+        a = _run_sample(f_sess, feed, k, "float")
+        b = _run_sample(q_sess, feed, k, "quantized")
         for name in outputs:
             ref.setdefault(name, []).append(a[name])
             got.setdefault(name, []).append(b[name])
@@ -223,6 +223,25 @@ def accuracy_report(
         "outputs": per_output,
         "worst_layers": layers[:worst],
     }
+
+
+def _run_sample(sess, feed: Mapping[str, np.ndarray], index: int, which: str) -> dict[str, np.ndarray]:
+    """Run one report sample. onnxruntime failing on it, or the float model computing NaN or
+    Inf, is the model's or the data's fault (as in calibration): a `DataError`, not a crash
+    or a NaN in the report."""
+    import onnxruntime as ort
+
+    from zenith_onnx import runtime
+
+    state = ort.capi.onnxruntime_pybind11_state
+    try:
+        values = runtime.run(sess, feed)
+    except (state.Fail, state.InvalidArgument, state.RuntimeException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+        raise DataError(f"onnxruntime failed on calibration sample {index} ({which} model): {first}") from None
+    if which == "float" and not all(np.isfinite(v).all() for v in values.values() if v.dtype.kind == "f"):
+        raise DataError(f"the float model produces NaN or Inf on calibration sample {index}; cannot measure its accuracy")
+    return values
 
 
 def _finite(x: float) -> float:
