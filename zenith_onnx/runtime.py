@@ -63,7 +63,7 @@ def session(
     options.graph_optimization_level = LEVELS[level]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: every error reaches the caller as an exception
     if optimized_model_filepath:
         options.optimized_model_filepath = optimized_model_filepath
     kwargs = {"providers": ["CPUExecutionProvider"]}
