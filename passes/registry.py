@@ -30,7 +30,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The float-preserving pipeline `zenith-onnx optimize` runs by default.
-DEFAULT_OPTIMIZE: tuple[str, ...] = ("lift_constants", "fuse_bias_add", "fold_batchnorm", "cleanup")
+DEFAULT_OPTIMIZE: tuple[str, ...] = (
+    "lift_constants", "fuse_bias_add", "fold_batchnorm", "fuse_hardswish", "fuse_layernorm", "cleanup",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from bn_models import GraphBuilder, make_model
 
 from zenith_onnx import cli
 from zenith_onnx.modelio import load_model
+from zenith_onnx.passes import DEFAULT_OPTIMIZE
 from zenith_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from zenith_onnx.summary import op_counts
 from zenith_onnx.testing import assert_outputs_close
@@ -68,7 +69,7 @@ def test_list_passes_shows_fold_batchnorm(capsys):
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("fold_batchnorm "))
     assert row.split(None, 1)[1] == FoldBatchNormPass.__doc__.splitlines()[0]
-    assert "default pipeline: lift_constants,fuse_bias_add,fold_batchnorm,cleanup" in lines
+    assert "default pipeline: " + ",".join(DEFAULT_OPTIMIZE) in lines
 
 
 def test_passes_option_runs_only_those(model_path, tmp_path, capsys):
