@@ -515,6 +515,23 @@ def _staging_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _refuse_replacing_weights(model: ir.Model, path: Path, data_name: str | None) -> None:
+    """The files written must not be the external data the model reads its weights from:
+    another model (the input) reads them too, and would be left pointing at new bytes."""
+    read = {
+        Path(tensor.path).resolve()
+        for graph in (model.graph, *model.graph.subgraphs())
+        for value in graph.initializers.values()
+        if isinstance(tensor := value.const_value, ir.ExternalTensor)
+    }
+    for written in (path, path.with_name(data_name) if data_name else None):
+        if written is not None and written.resolve() in read:
+            raise UsageError(
+                f"{path}: saving would overwrite '{written.name}', the external data file the model's "
+                "weights are read from (another model reads it too); choose another output name"
+            )
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Save ``model`` atomically. Models too large for one protobuf (or when
     ``external_data`` is true) keep their weights in ``<name>.data`` beside the file."""
@@ -522,6 +539,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     if external_data is None:
         external_data = needs_external_data(model)
     data_name = path.name + ".data" if external_data else None
+    _refuse_replacing_weights(model, path, data_name)
     with _staging_folder(path) as stage:
         staged = stage / path.name
         try:
