@@ -9,6 +9,6 @@ from zenith_onnx.passes import fuse_bias_add  # noqa: F401
 from zenith_onnx.passes import div_to_mul, expand_hard_activations, fold_scale_into_conv, rewrite_activations  # noqa: F401
 from zenith_onnx.passes import fuse_layernorm  # noqa: F401
 from zenith_onnx.passes import observe  # noqa: F401
-from zenith_onnx.passes.registry import DEFAULT_OPTIMIZE, available, build_pipeline, create, register
+from zenith_onnx.passes.registry import DEFAULT_OPTIMIZE, QUANTIZE_PREPARE, available, build_pipeline, create, register
 
-__all__ = ["DEFAULT_OPTIMIZE", "available", "build_pipeline", "create", "register"]
+__all__ = ["DEFAULT_OPTIMIZE", "QUANTIZE_PREPARE", "available", "build_pipeline", "create", "register"]

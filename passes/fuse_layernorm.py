@@ -18,7 +18,8 @@ outputs agree to ~1e-6 relative. Matched only exactly: both means over the same 
 axis which is the last one (rank known, or axis -1) with keepdims, every intermediate
 read only inside the pattern and no graph output, eps/gamma/beta constants (gamma, beta
 possibly behind Reshape/Unsqueeze of a constant) that vary along the last axis alone.
-Refused with a debug line; at opset < 17 nothing is done (raise the opset first).
+Refused with a debug line. At opset < 17 matches are only counted (``needs_opset``):
+the caller decides whether raising the opset is worth it (`zenith_onnx.opset`).
 """
 
 from __future__ import annotations
@@ -243,13 +244,13 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
     def __init__(self) -> None:
         super().__init__()
         self.fused = 0
+        # Patterns found in a model below opset 17: raise the opset and run again to fuse them.
+        self.needs_opset = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fused = 0
+        self.needs_opset = 0
         opset = default_opset(model)
-        if opset < LAYERNORM_OPSET:
-            logger.debug("fuse_layernorm: opset %d < %d, nothing done (raise the opset first)", opset, LAYERNORM_OPSET)
-            return ir.passes.PassResult(model, False)
         rw = _Rewriter(model)
         for container in _graph.all_graphs(model):
             if isinstance(container, ir.Function):
@@ -262,10 +263,16 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
                 if isinstance(found, str):
                     logger.debug("ReduceMean '%s' does not start a layer normalization: %s", node.name, found)
                     continue
+                if opset < LAYERNORM_OPSET:
+                    self.needs_opset += 1
+                    continue
                 self._replace(rw, found)
                 self.fused += 1
         if self.fused:
             logger.info("fuse_layernorm: %d layer normalization(s) fused", self.fused)
+        if self.needs_opset:
+            logger.info("fuse_layernorm: %d layer normalization(s) found, not fused at opset %d "
+                        "(LayerNormalization needs opset %d)", self.needs_opset, opset, LAYERNORM_OPSET)
         return ir.passes.PassResult(model, bool(self.fused))
 
     @staticmethod

@@ -25,6 +25,7 @@ __all__ = [
     "build_pipeline",
     "Pipeline",
     "DEFAULT_OPTIMIZE",
+    "QUANTIZE_PREPARE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ logger = logging.getLogger(__name__)
 # The float-preserving pipeline `zenith-onnx optimize` runs by default.
 DEFAULT_OPTIMIZE: tuple[str, ...] = (
     "lift_constants", "fuse_bias_add", "fold_batchnorm", "fuse_hardswish", "fuse_layernorm", "cleanup",
+)
+# The float-preserving passes quantize runs before planning Q/DQ: the same folds, and
+# activations written with ops that onnxruntime runs on integers (the second
+# fuse_bias_add takes the "+ 3" of an expanded hard-sigmoid into the Conv before it).
+QUANTIZE_PREPARE: tuple[str, ...] = (
+    "lift_constants", "fuse_bias_add", "fold_batchnorm", "fuse_layernorm", "fuse_hardswish",
+    "expand_hard_activations", "fuse_bias_add", "div_to_mul", "fold_scale_into_conv", "cleanup", "infer_shapes",
 )
 
 
