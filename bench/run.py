@@ -38,6 +38,7 @@ __all__ = ["main"]
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STEPS = ("models", "tool", "calib", "fold")
+EXTRA_STEPS = ("zoo",)  # run only when asked: `--steps zoo` (real models from published wheels, minutes)
 CNNS = {"cnn8", "cnn8_res", "mobilenet_v2", "digits_cnn"}
 FLOAT_TARGET = 0.7  # ours/float on CNNs
 NOISE = 0.03  # ratios within 3% of 1.0 are ties on this shared machine
@@ -145,7 +146,13 @@ def step_fold(bench: Bench) -> list[dict]:
     return rows
 
 
-STEP_FUNCTIONS = {"models": step_models, "tool": step_tool, "calib": step_calib, "fold": step_fold}
+def step_zoo(bench: Bench) -> list[dict]:
+    from bench import zoo
+
+    return zoo.run(runs=10 if bench.args.quick else zoo.DEFAULT_RUNS, log=bench.log)
+
+
+STEP_FUNCTIONS = {"models": step_models, "tool": step_tool, "calib": step_calib, "fold": step_fold, "zoo": step_zoo}
 
 
 # ------------------------------------------------------------------ rendering
@@ -398,7 +405,7 @@ def machine_text(m: dict) -> str:
 
 def render(results: dict, out: Path) -> str:
     m = results["machine"]
-    done = [s for s in STEPS if s in results["steps"]]
+    done = [s for s in STEPS + EXTRA_STEPS if s in results["steps"]]
     partial = any(v.get("partial") for v in results["steps"].values()) or len(done) < len(results.get("planned", STEPS))
     parts = [
         "# Benchmarks: zenith-onnx vs onnxruntime's quantizer",
@@ -487,6 +494,12 @@ def render(results: dict, out: Path) -> str:
                   "`bench/fold_scale.py`: load + optimize (lift_constants, fold_batchnorm, cleanup) + save on "
                   "Conv-BN-Relu chains, in this process.", ""]
         parts += [render_fold(fold["data"]) if "data" in fold else f"FAILED: {fold.get('error')}", ""]
+    zoo = results["steps"].get("zoo")
+    if zoo:
+        from bench import zoo as zoo_bench
+
+        parts += ["## Real exported models (models/zoo.json)", ""]
+        parts += [zoo_bench.render(zoo["data"]) if "data" in zoo else f"FAILED: {zoo.get('error')}", ""]
     plots = results.get("plots", [])
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -618,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="also benchmark this float .onnx model")
     parser.add_argument("--data", type=Path, help="calibration .npz for --model")
     parser.add_argument("--eval-data", type=Path, help="held-out .npz for --model (default: the last quarter of --data)")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--steps", nargs="+", choices=STEPS + EXTRA_STEPS, default=list(STEPS))
     parser.add_argument("--synthetic", nargs="*", default=None, help="synthetic models to run (default: all)")
     parser.add_argument("--runs", type=int, help="latency rounds (default 300; --quick 50)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

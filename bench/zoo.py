@@ -1,0 +1,334 @@
+"""The real models of models/zoo.json: zenith-onnx vs onnxruntime's quantizer, side by side.
+
+    python -m bench.zoo [--models layout_cdla ...] [--runs 20]     (also: python -m bench --steps zoo)
+
+For every model (fetched by `zenith_onnx.zoo`, calibration and evaluation samples from
+different images) the float model is quantized on the same calibration samples by
+
+- ``ours``: `zenith_onnx.quantize.quantize` with its defaults, as it is today;
+- ``ours_prepared``: the same after the float-preserving rewrites of
+  `zenith_onnx.passes.QUANTIZE_PREPARE` (the opset raised to 17 only when a written-out
+  LayerNorm is found): what quantize does once it runs them before planning;
+- ``ort_default`` / ``ort_best``: onnxruntime's ``quant_pre_process`` + ``quantize_static``
+  with its defaults, and with its best x86 settings (opset 13 after pre-processing,
+  ``per_channel=True``, QUInt8 activations); a pre-processing failure is retried with
+  ``skip_symbolic_shape=True`` as a user would, and both errors are recorded.
+
+Besides the float model itself, ``float_optimized`` is the float model after
+``zenith-onnx optimize`` (BatchNorm folded, hard-swish fused): a faster float baseline.
+
+Measured (DESIGN.md, "Measuring", with fewer rounds: these are big models on 2 shared
+cores): latency at ORT_ENABLE_ALL, 1 intra-op thread, all variants warmed up, then timed
+in alternating rounds (default 20) on the first 4 evaluation samples, median and p90;
+fusion at ORT_ENABLE_EXTENDED (integer ops, float ops fed by DequantizeLinear); accuracy
+on the evaluation samples against the float model at ORT_DISABLE_ALL: SQNR over all
+outputs and the task's measure (`zenith_onnx.zoo.task_measure`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench._measure import first_line, interleaved_latency, machine
+
+__all__ = ["DEFAULT_RUNS", "LATENCY_SAMPLES", "run", "measure_model", "render"]
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_RUNS = 20
+LATENCY_SAMPLES = 4
+LABELS = {
+    "float": "float (as published)",
+    "float_optimized": "float, zenith-onnx optimize",
+    "ours": "zenith-onnx quantize (today)",
+    "ours_prepared": "zenith-onnx quantize + QUANTIZE_PREPARE",
+    "ort_default": "onnxruntime default",
+    "ort_best": "onnxruntime best",
+}
+QUANTIZED = ("ours", "ours_prepared", "ort_default", "ort_best")
+
+
+# ------------------------------------------------------------------ the variants
+
+
+def optimize_float(path: Path, out: Path) -> dict:
+    from zenith_onnx.modelio import load_model, save_model
+    from zenith_onnx.passes import DEFAULT_OPTIMIZE, build_pipeline
+
+    model = load_model(path)
+    build_pipeline(DEFAULT_OPTIMIZE)(model)
+    save_model(model, out)
+    return {}
+
+
+def prepare(model) -> tuple[object, list[str]]:
+    """QUANTIZE_PREPARE on ``model`` (in place, or a converted copy when the opset is
+    raised to fuse written-out LayerNorms); returns the model and notes."""
+    from zenith_onnx.opset import ensure_opset
+    from zenith_onnx.passes import QUANTIZE_PREPARE, build_pipeline
+    from zenith_onnx.passes.fuse_layernorm import LAYERNORM_OPSET
+
+    pipeline = build_pipeline(QUANTIZE_PREPARE)
+    pipeline(model)
+    notes = []
+    layernorm = next(p for p in pipeline.passes if getattr(p, "pass_name", "") == "fuse_layernorm")
+    if layernorm.needs_opset:
+        model, note = ensure_opset(model, LAYERNORM_OPSET, f"{layernorm.needs_opset} written-out LayerNorm(s) to fuse")
+        notes.append(note)
+        build_pipeline(QUANTIZE_PREPARE)(model)
+    return model, notes
+
+
+def quantize_ours(path: Path, calib: list, out: Path, prepared: bool) -> dict:
+    from zenith_onnx.modelio import load_model, save_model
+    from zenith_onnx.quantize import quantize
+
+    start = time.perf_counter()
+    model, notes = prepare(load_model(path)) if prepared else (load_model(path), [])
+    result = quantize(model, calib, report_samples=0, check_fusion=False)
+    save_model(result.model, out)
+    left = {}
+    for item in result.report.get("left_float", []):
+        left.setdefault(f"{item['op']}: {item['reason']}", []).append(item["node"])
+    return {"quantize_s": time.perf_counter() - start, "notes": notes + result.report.get("notes", []),
+            "left_float": {k: len(v) for k, v in left.items()}}
+
+
+def quantize_ort(path: Path, calib: list, out: Path, best: bool) -> dict:
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_static
+
+    from bench._measure import calibration_reader
+
+    start = time.perf_counter()
+    pre = out.with_suffix(".pre.onnx")
+    info: dict = {}
+    try:
+        quant_pre_process(str(path), str(pre))
+    except Exception as e:  # its symbolic shape inference fails on Paddle exports
+        info["pre_process_error"] = first_line(e)
+        quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+        info["note"] = "quant_pre_process retried with skip_symbolic_shape=True"
+    kwargs = {"per_channel": True, "activation_type": QuantType.QUInt8} if best else {}
+    quantize_static(str(pre), str(out), calibration_reader(calib), **kwargs)
+    pre.unlink()
+    return {"quantize_s": time.perf_counter() - start, **info}
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _fusion(path: Path) -> dict:
+    from zenith_onnx.fusion import fusion_report
+
+    report = fusion_report(str(path))
+
+    def plain(op: str) -> str:
+        return op.rpartition("::")[2]
+
+    return {
+        "integer_ops": {plain(op): n for op, n in report.integer_ops.items()},
+        "float_ops": {plain(op): n for op, n in report.float_ops.items()},
+        "float_fed_by_dq": {plain(op): len(v) for op, v in report.float_ops_fed_by_dq.items()},
+    }
+
+
+def _accuracy(zoo_model, paths: dict[str, Path], evaluation: list) -> dict:
+    from zenith_onnx import runtime, zoo
+    from zenith_onnx.testing import sqnr_db
+
+    reference = runtime.session(str(paths["float"]), "disable_all")
+    ref = [reference.run(None, f) for f in evaluation]
+    result = {}
+    for label, path in paths.items():
+        if label == "float":
+            continue
+        try:
+            sess = runtime.session(str(path), "all", threads=1)
+        except Exception as e:  # a quantizer that writes a model onnxruntime cannot load
+            result[label] = {"error": first_line(e, 400)}
+            continue
+        got = [sess.run(None, f) for f in evaluation]
+        db = sqnr_db([o for outs in ref for o in outs], [o for outs in got for o in outs])
+        result[label] = {"sqnr_db": float(db) if np.isfinite(db) else None,
+                         "task": zoo.task_measure(zoo_model.spec, ref, got)}
+    return result
+
+
+def measure_model(zoo_model, folder: Path, runs: int = DEFAULT_RUNS, log=print) -> dict:
+    from zenith_onnx import runtime
+
+    folder.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = zoo_model.feeds("calib"), zoo_model.feeds("eval")
+    row: dict = {"model": zoo_model.name, "task": zoo_model.task, "description": zoo_model.spec["description"],
+                 "input_shape": zoo_model.spec["input_shape"], "calib_samples": len(calib),
+                 "eval_samples": len(evaluation), "quantize": {}, "fusion": {}}
+    paths = {"float": zoo_model.path}
+    steps = {
+        "float_optimized": lambda p: optimize_float(zoo_model.path, p),
+        "ours": lambda p: quantize_ours(zoo_model.path, calib, p, prepared=False),
+        "ours_prepared": lambda p: quantize_ours(zoo_model.path, calib, p, prepared=True),
+        "ort_default": lambda p: quantize_ort(zoo_model.path, calib, p, best=False),
+        "ort_best": lambda p: quantize_ort(zoo_model.path, calib, p, best=True),
+    }
+    for label, fn in steps.items():
+        path = folder / f"{label}.onnx"
+        try:
+            row["quantize"][label] = fn(path)
+            paths[label] = path
+        except Exception as e:  # a quantizer failing on a real model is a finding
+            row["quantize"][label] = {"error": first_line(e, 400)}
+            log(f"  {zoo_model.name}: {label} failed: {row['quantize'][label]['error']}")
+    for label in QUANTIZED:
+        if label in paths:
+            try:
+                row["fusion"][label] = _fusion(paths[label])
+            except Exception as e:
+                row["fusion"][label] = {"error": first_line(e, 400)}
+    row["accuracy"] = _accuracy(zoo_model, paths, evaluation)
+    runnable = {label: p for label, p in paths.items() if "error" not in row["accuracy"].get(label, {})}
+    sessions = {label: runtime.session(str(p), "all", threads=1) for label, p in runnable.items()}
+    latency = interleaved_latency(sessions, evaluation[:LATENCY_SAMPLES], runs=runs, warmup=3)
+    base = latency["float"]["median_ms"]
+    row["latency"] = latency
+    row["ratio_to_float"] = {label: v["median_ms"] / base for label, v in latency.items()}
+    log(f"  {zoo_model.name}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms ({row['ratio_to_float'][k]:.2f}x)"
+                                            for k, v in latency.items()))
+    return row
+
+
+def run(names=None, runs: int = DEFAULT_RUNS, folder: Path = HERE / "out" / "zoo", log=print) -> list[dict]:
+    """Fetch (if needed) and measure the zoo models; one row per model."""
+    from zenith_onnx import zoo
+
+    models = zoo.fetch(names, log=log)
+    return [measure_model(m, folder / name, runs=runs, log=log) for name, m in models.items()]
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _f(x, digits=2, suffix="") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _ops(counts: dict | None) -> str:
+    if not counts:
+        return "none"
+    return ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def render(rows: list[dict], runs: int | None = None) -> str:
+    """Markdown: the per-model table, fusion, accuracy, and every error."""
+    runs = runs or (rows[0]["latency"]["float"]["runs"] if rows else DEFAULT_RUNS)
+    head = ["| model | task measure | " + " | ".join(LABELS[k] for k in ("float_optimized", *QUANTIZED)) + " |",
+            "|---|---|" + "---:|" * (1 + len(QUANTIZED))]
+    latency = [*head]
+    accuracy = [*head[:1], head[1]]
+    for row in rows:
+        ratio = row["ratio_to_float"]
+        cells = []
+        for label in ("float_optimized", *QUANTIZED):
+            if label in ratio:
+                lat = row["latency"][label]
+                cells.append(f"**{ratio[label]:.2f}x** ({lat['median_ms']:.1f} ms)")
+            else:
+                cells.append("failed")
+        measure = next((a["task"]["measure"] for a in row["accuracy"].values() if "task" in a), "")
+        latency.append(f"| {row['model']} (float {row['latency']['float']['median_ms']:.1f} ms) | {measure} | " + " | ".join(cells) + " |")
+        acc_cells = []
+        for label in ("float_optimized", *QUANTIZED):
+            a = row["accuracy"].get(label)
+            acc_cells.append("failed" if not a or "error" in a else f"{_f(a['sqnr_db'], 1)} dB / {a['task']['value']:.3f}")
+        accuracy.append(f"| {row['model']} | {measure} | " + " | ".join(acc_cells) + " |")
+    fusion = ["| model | quantizer | integer ops | float ops fed by DequantizeLinear | float ops left |", "|---|---|---|---|---|"]
+    for row in rows:
+        for label in QUANTIZED:
+            f = row["fusion"].get(label)
+            if f is None:
+                fusion.append(f"| {row['model']} | {LABELS[label]} | quantizer failed | | |")
+            elif "error" in f:
+                fusion.append(f"| {row['model']} | {LABELS[label]} | onnxruntime failed: {f['error']} | | |")
+            else:
+                fusion.append(f"| {row['model']} | {LABELS[label]} | {sum(f['integer_ops'].values())}: {_ops(f['integer_ops'])} | "
+                              f"{_ops(f['float_fed_by_dq'])} | {_ops(f['float_ops'])} |")
+    notes = []
+    for row in rows:
+        for label, q in row["quantize"].items():
+            for key in ("error", "pre_process_error", "note"):
+                if key in q:
+                    notes.append(f"- {row['model']}, {LABELS[label]}: {key.replace('_', ' ')}: `{q[key]}`")
+            for note in q.get("notes", []):
+                notes.append(f"- {row['model']}, {LABELS[label]}: {note}")
+            for reason, n in q.get("left_float", {}).items():
+                notes.append(f"- {row['model']}, {LABELS[label]} left in float: {n} x {reason}")
+        for label, a in row["accuracy"].items():
+            if "error" in a:
+                notes.append(f"- {row['model']}, {LABELS[label]}: onnxruntime cannot run the quantized model: `{a['error']}`")
+    models = [f"- **{r['model']}** ({r['task']}, input {'x'.join(map(str, r['input_shape']))}, "
+              f"{r['calib_samples']} calibration / {r['eval_samples']} evaluation samples): {r['description']}" for r in rows]
+    return "\n".join([
+        "### Latency relative to the published float model",
+        "",
+        f"ORT_ENABLE_ALL, 1 intra-op thread, median of {runs} alternating rounds after warm-up on the first "
+        f"{LATENCY_SAMPLES} evaluation samples (big models on 2 shared cores: few rounds, treat differences under ~5% "
+        "as noise); lower is better.",
+        "",
+        *latency,
+        "",
+        "### Accuracy against the float model (evaluation images, not used for calibration)",
+        "",
+        "SQNR over all outputs (float model at ORT_DISABLE_ALL vs the quantized model at ORT_ENABLE_ALL) / the task "
+        "measure: top-1 agreement (classifier), text-mask IoU at the package's threshold 0.3 (detection), per-step "
+        "argmax agreement (recognition), F1 of detected boxes matched by class and IoU >= 0.5 after the package's "
+        "decoding and NMS (layout).",
+        "",
+        *accuracy,
+        "",
+        "### What onnxruntime runs (ORT_ENABLE_EXTENDED)",
+        "",
+        *fusion,
+        "",
+        "### Errors and notes",
+        "",
+        *(notes or ["none"]),
+        "",
+        "### Models",
+        "",
+        *models,
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="zoo model names (default: all)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="alternating latency rounds (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "zoo", help="folder for the models and results")
+    parser.add_argument("--write", type=Path, default=HERE / "zoo_results.md", help="markdown results file")
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m bench.zoo", *(argv if argv is not None else sys.argv[1:])])
+    start = time.perf_counter()
+    rows = run(args.models, runs=args.runs, folder=args.out)
+    info = machine()
+    text = "\n".join([
+        "# Real exported models: zenith-onnx vs onnxruntime's quantizer",
+        "",
+        f"Command: `{command}` — {time.strftime('%Y-%m-%d')}, {(time.perf_counter() - start) / 60:.1f} min on {info['cpu']}, "
+        f"{info['cores']} cores, AVX-512 VNNI {'yes' if info['avx512_vnni'] else 'no'}, onnxruntime {info['onnxruntime']}.",
+        "",
+        render(rows, args.runs),
+    ])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    args.write.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
