@@ -151,19 +151,21 @@ class _Caster:
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             self._report_non_finite(array, first_sample, rows_are_samples, None)
         if want is not None and array.dtype != want:
+            source = array.dtype
             array = self._cast(array, want)
             if want.kind == "f" and not np.isfinite(array).all():
                 self._report_non_finite(array, first_sample, rows_are_samples, f"values too large for {want}")
+            if source.kind == "f" and not np.can_cast(source, want, "safe") and not self.warned:
+                # only now: data that cannot be cast gets the error alone, not a warning first
+                logger.warning("%s: input '%s' is %s, cast to the model's %s", self.where, self.spec.name, source, want)
+                self.warned = True
         return array
 
     def _cast(self, array: np.ndarray, want: np.dtype) -> np.ndarray:
         name = self.spec.name
         if np.can_cast(array.dtype, want, "safe"):
             return array.astype(want)
-        if array.dtype.kind == "f":  # narrower float, customary for float64 numpy data
-            if not self.warned:
-                logger.warning("%s: input '%s' is %s, cast to the model's %s", self.where, name, array.dtype, want)
-                self.warned = True
+        if array.dtype.kind == "f":  # narrower float, customary for float64 numpy data (warned by the caller)
             with np.errstate(over="ignore"):
                 return array.astype(want)
         cast = array.astype(want)
