@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._measure import first_line, interleaved_latency, machine
+from bench.compare_models import _fusion
 
 __all__ = ["DEFAULT_RUNS", "LATENCY_SAMPLES", "run", "measure_model", "render"]
 
@@ -137,21 +138,6 @@ def quantize_ort(path: Path, calib: list, out: Path, best: bool) -> dict:
 # ------------------------------------------------------------------ measuring
 
 
-def _fusion(path: Path) -> dict:
-    from zenith_onnx.fusion import fusion_report
-
-    report = fusion_report(str(path))
-
-    def plain(op: str) -> str:
-        return op.rpartition("::")[2]
-
-    return {
-        "integer_ops": {plain(op): n for op, n in report.integer_ops.items()},
-        "float_ops": {plain(op): n for op, n in report.float_ops.items()},
-        "float_fed_by_dq": {plain(op): len(v) for op, v in report.float_ops_fed_by_dq.items()},
-    }
-
-
 def _accuracy(zoo_model, paths: dict[str, Path], evaluation: list) -> dict:
     from zenith_onnx import runtime, zoo
     from zenith_onnx.testing import sqnr_db
@@ -200,10 +186,7 @@ def measure_model(zoo_model, folder: Path, runs: int = DEFAULT_RUNS, log=print) 
             log(f"  {zoo_model.name}: {label} failed: {row['quantize'][label]['error']}")
     for label in QUANTIZED:
         if label in paths:
-            try:
-                row["fusion"][label] = _fusion(paths[label])
-            except Exception as e:
-                row["fusion"][label] = {"error": first_line(e, 400)}
+            row["fusion"][label] = _fusion(paths[label])  # {"error": ...} when onnxruntime cannot load it
     row["accuracy"] = _accuracy(zoo_model, paths, evaluation)
     runnable = {label: p for label, p in paths.items() if "error" not in row["accuracy"].get(label, {})}
     sessions = {label: runtime.session(str(p), "all", threads=1) for label, p in runnable.items()}

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.registry import register
 
@@ -51,22 +52,17 @@ class DivToMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.rewritten = 0
         rw = _Rewriter(model)
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            for div in list(container):
-                if div.op_type != "Div" or not _graph.is_default_domain(div) or len(div.inputs) != 2:
-                    continue
-                reciprocal = _reciprocal(div)
-                if isinstance(reciprocal, str):
-                    logger.debug("Div '%s' kept: %s", div.name, reciprocal)
-                    continue
-                base = div.name or "div"
-                factor = rw.constant(div.graph, f"{base}.reciprocal", reciprocal)
-                mul = rw.new_node("Mul", [div.inputs[0], factor], like=div.outputs[0], base=f"{base}_mul")
-                div.graph.insert_before(div, mul)
-                rw.bypass(div, mul.outputs[0])
-                self.rewritten += 1
+        for div in nodes_to_rewrite(model, rw, ("Div",)):
+            reciprocal = _reciprocal(div)
+            if isinstance(reciprocal, str):
+                logger.debug("Div '%s' kept: %s", div.name, reciprocal)
+                continue
+            base = div.name or "div"
+            factor = rw.constant(div.graph, f"{base}.reciprocal", reciprocal)
+            mul = rw.new_node("Mul", [div.inputs[0], factor], like=div.outputs[0], base=f"{base}_mul")
+            div.graph.insert_before(div, mul)
+            rw.bypass(div, mul.outputs[0])
+            self.rewritten += 1
         if self.rewritten:
             logger.info("div_to_mul: %d Div by a constant became Mul", self.rewritten)
         return ir.passes.PassResult(model, bool(self.rewritten))

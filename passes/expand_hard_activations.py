@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from zenith_onnx.modelio import default_opset
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.registry import register
 
@@ -42,7 +43,7 @@ CLIP_INPUTS_OPSET = 11
 
 
 def _parameters(node: ir.Node) -> tuple[float, float] | str:
-    """(alpha, beta) of the HardSigmoid that ``node`` is or contains, or why not."""
+    """(alpha, beta) of ``node``'s hard-sigmoid (HardSwish: 1/6, 1/2), or why not."""
     x = node.inputs[0]
     if x.dtype is not None and not x.dtype.is_floating_point():
         return f"its input has dtype {x.dtype}"
@@ -68,18 +69,13 @@ class ExpandHardActivationsPass(ir.passes.InPlacePass):
             logger.debug("expand_hard_activations: opset %d < %d, nothing done", default_opset(model), CLIP_INPUTS_OPSET)
             return ir.passes.PassResult(model, False)
         rw = _Rewriter(model)
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            for node in list(container):
-                if node.op_type not in ("HardSwish", "HardSigmoid") or not _graph.is_default_domain(node):
-                    continue
-                found = _parameters(node)
-                if isinstance(found, str):
-                    logger.debug("%s '%s' kept: %s", node.op_type, node.name, found)
-                    continue
-                self._expand(rw, node, *found)
-                self.counts[node.op_type] = self.counts.get(node.op_type, 0) + 1
+        for node in nodes_to_rewrite(model, rw, ("HardSwish", "HardSigmoid")):
+            found = _parameters(node)
+            if isinstance(found, str):
+                logger.debug("%s '%s' kept: %s", node.op_type, node.name, found)
+                continue
+            self._expand(rw, node, *found)
+            self.counts[node.op_type] = self.counts.get(node.op_type, 0) + 1
         if self.counts:
             logger.info("expand_hard_activations: %s", ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())))
         return ir.passes.PassResult(model, bool(self.counts))

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.registry import register
 
@@ -97,27 +98,22 @@ class FoldScaleIntoConvPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.folded = 0
         rw = _Rewriter(model)
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            for mul in list(container):
-                if mul.op_type != "Mul" or not _graph.is_default_domain(mul) or mul.graph is None:
-                    continue
-                found = _match(mul)
-                if isinstance(found, str):
-                    logger.debug("Mul '%s' not folded into a Conv: %s", mul.name, found)
-                    continue
-                x, factor, through, convs = found
-                for conv in convs:
-                    weight = _graph.constant_array(conv.inputs[1])
-                    scaled = (weight.astype(np.float64) * factor).astype(weight.dtype)
-                    base = conv.name or "conv"
-                    rw.set_input(conv, 1, rw.constant(conv.graph, f"{base}.weight_scaled", scaled))
-                mul.outputs[0].replace_all_uses_with(x)
-                rw.remove(mul)
-                self.folded += 1
-                logger.debug("Mul '%s' (x %g) folded into %d Conv(s)%s", mul.name, factor, len(convs),
-                             f" through Mul '{through.name}'" if through is not None else "")
+        for mul in nodes_to_rewrite(model, rw, ("Mul",)):
+            found = _match(mul)
+            if isinstance(found, str):
+                logger.debug("Mul '%s' not folded into a Conv: %s", mul.name, found)
+                continue
+            x, factor, through, convs = found
+            for conv in convs:
+                weight = _graph.constant_array(conv.inputs[1])
+                scaled = (weight.astype(np.float64) * factor).astype(weight.dtype)
+                base = conv.name or "conv"
+                rw.set_input(conv, 1, rw.constant(conv.graph, f"{base}.weight_scaled", scaled))
+            mul.outputs[0].replace_all_uses_with(x)
+            rw.remove(mul)
+            self.folded += 1
+            logger.debug("Mul '%s' (x %g) folded into %d Conv(s)%s", mul.name, factor, len(convs),
+                         f" through Mul '{through.name}'" if through is not None else "")
         if self.folded:
             logger.info("fold_scale_into_conv: %d scalar Mul(s) folded into Conv weights", self.folded)
         return ir.passes.PassResult(model, bool(self.folded))

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.registry import register
 
@@ -132,22 +133,17 @@ class FuseBiasAddPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fused = []
         rw = _Rewriter(model)
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            for node in list(container):
-                if node.op_type != "Add" or not _graph.is_default_domain(node) or len(node.inputs) != 2:
-                    continue
-                found = _match(node)
-                if isinstance(found, str):
-                    logger.debug("Add '%s' not fused into a bias: %s", node.name, found)
-                    continue
-                layer, _, bias = found
-                base = layer.name or layer.op_type.lower()
-                rw.set_input(layer, 2, rw.constant(layer.graph, f"{base}.bias_fused", bias))
-                rw.bypass(node, layer.outputs[0])
-                self.fused.append(layer.name)
-                logger.debug("Add '%s' fused into the bias of %s '%s'", node.name, layer.op_type, layer.name)
+        for node in nodes_to_rewrite(model, rw, ("Add",)):
+            found = _match(node) if len(node.inputs) == 2 else "it has one input"
+            if isinstance(found, str):
+                logger.debug("Add '%s' not fused into a bias: %s", node.name, found)
+                continue
+            layer, _, bias = found
+            base = layer.name or layer.op_type.lower()
+            rw.set_input(layer, 2, rw.constant(layer.graph, f"{base}.bias_fused", bias))
+            rw.bypass(node, layer.outputs[0])
+            self.fused.append(layer.name)
+            logger.debug("Add '%s' fused into the bias of %s '%s'", node.name, layer.op_type, layer.name)
         if self.fused:
             logger.info("fuse_bias_add: %d Add(s) moved into a Conv/ConvTranspose bias", len(self.fused))
         return ir.passes.PassResult(model, bool(self.fused))

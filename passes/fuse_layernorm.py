@@ -32,6 +32,10 @@ import onnx_ir as ir
 
 from zenith_onnx.modelio import default_opset
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import is_op as _is
+from zenith_onnx.passes._match import nodes_to_rewrite
+from zenith_onnx.passes._match import other_operand as _other
+from zenith_onnx.passes._match import scalar as _scalar
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.fuse_bias_add import constant_through_shape_ops
 from zenith_onnx.passes.registry import register
@@ -44,10 +48,6 @@ LAYERNORM_OPSET = 17
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMean takes axes as an input from opset 18
 
 
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and _graph.is_default_domain(node)
-
-
 def _reduce_axis(node: ir.Node, opset: int) -> int | None:
     """The single axis of a keepdims ReduceMean, or None."""
     if _graph.attr_int(node, "keepdims", 1) != 1:
@@ -58,19 +58,6 @@ def _reduce_axis(node: ir.Node, opset: int) -> int | None:
     else:
         axes = _graph.attr_ints(node, "axes")
     return axes[0] if axes is not None and len(axes) == 1 else None
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    array = _graph.constant_array(value)
-    return None if array is None or array.size != 1 else float(array.reshape(()))
-
-
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    if len(node.inputs) != 2:
-        return None
-    if node.inputs[0] is value:
-        return node.inputs[1]
-    return node.inputs[0] if node.inputs[1] is value else None
 
 
 def _single(value: ir.Value) -> ir.Node | None:
@@ -196,7 +183,9 @@ def _match(mean: ir.Node, opset: int, ranks: dict[ir.Value, int]) -> _LayerNorm 
     div = next((n for n in readers.values() if n.op_type == "Div"), None)
     if square is None or div is None or div.inputs[0] is not d:
         return "the centred value does not feed Pow/Mul and Div"
-    if _is(square, "Pow") and not (square.inputs[0] is d and _scalar(square.inputs[1]) == 2.0):
+    exponent = _graph.constant_array(square.inputs[1]) if _is(square, "Pow") else None  # 2 or 2.0
+    if _is(square, "Pow") and not (square.inputs[0] is d and exponent is not None and exponent.size == 1
+                                   and float(exponent.reshape(())) == 2.0):
         return "Pow is not a square"
     if _is(square, "Mul") and not (square.inputs[0] is d and square.inputs[1] is d):
         return "Mul is not a square"
@@ -212,21 +201,14 @@ def _match(mean: ir.Node, opset: int, ranks: dict[ir.Value, int]) -> _LayerNorm 
         return "the deviation is not the Sqrt that the division reads"
     width = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
     nodes = [mean, sub, square, var, add_eps, sqrt, div]
-    gamma = beta = None
-    last = div
-    follower = _single(div.outputs[0])
-    if _is(follower, "Mul"):
-        found = _parameter(_other(follower, last.outputs[0]))
-        gamma = None if found is None else _last_axis_vector(found, rank, width)
-        if gamma is not None:
+    affine: dict[str, np.ndarray | None] = {"Mul": None, "Add": None}  # gamma, then beta
+    for op_type in affine:
+        follower = _single(nodes[-1].outputs[0])
+        found = _parameter(_other(follower, nodes[-1].outputs[0])) if _is(follower, op_type) else None
+        affine[op_type] = None if found is None else _last_axis_vector(found, rank, width)
+        if affine[op_type] is not None:
             nodes.append(follower)
-            last = follower
-            follower = _single(last.outputs[0])
-    if _is(follower, "Add"):
-        found = _parameter(_other(follower, last.outputs[0]))
-        beta = None if found is None else _last_axis_vector(found, rank, width)
-        if beta is not None:
-            nodes.append(follower)
+    gamma, beta = affine["Mul"], affine["Add"]
     if any(n.graph is not mean.graph for n in nodes):
         return "the pattern spans several graphs"
     sizes = {v.size for v in (gamma, beta) if v is not None and v.size > 1}
@@ -252,22 +234,18 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
         self.needs_opset = 0
         opset = default_opset(model)
         rw = _Rewriter(model)
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            ranks = _ranks(container)
-            for node in list(container):
-                if not _is(node, "ReduceMean") or node.graph is None:
-                    continue
-                found = _match(node, opset, ranks)
-                if isinstance(found, str):
-                    logger.debug("ReduceMean '%s' does not start a layer normalization: %s", node.name, found)
-                    continue
-                if opset < LAYERNORM_OPSET:
-                    self.needs_opset += 1
-                    continue
-                self._replace(rw, found)
-                self.fused += 1
+        ranks: dict[int, dict[ir.Value, int]] = {}  # per graph, computed before its first rewrite
+        for node in nodes_to_rewrite(model, rw, ("ReduceMean",)):
+            graph_ranks = ranks.setdefault(id(node.graph), _ranks(node.graph))
+            found = _match(node, opset, graph_ranks)
+            if isinstance(found, str):
+                logger.debug("ReduceMean '%s' does not start a layer normalization: %s", node.name, found)
+                continue
+            if opset < LAYERNORM_OPSET:
+                self.needs_opset += 1
+                continue
+            self._replace(rw, found)
+            self.fused += 1
         if self.fused:
             logger.info("fuse_layernorm: %d layer normalization(s) fused", self.fused)
         if self.needs_opset:

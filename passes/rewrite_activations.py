@@ -37,6 +37,10 @@ import onnx_ir as ir
 
 from zenith_onnx.modelio import default_opset
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._match import is_op as _is
+from zenith_onnx.passes._match import nodes_to_rewrite
+from zenith_onnx.passes._match import other_operand as _other_operand
+from zenith_onnx.passes._match import scalar as _scalar
 from zenith_onnx.passes.fold_batchnorm import _Rewriter
 from zenith_onnx.passes.registry import register
 
@@ -47,19 +51,8 @@ logger = logging.getLogger(__name__)
 HARDSWISH_OPSET = 14  # the first opset with HardSwish
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    array = _graph.constant_array(value)
-    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
-        return None
-    return float(array.reshape(()))
-
-
 def _close(a: float | None, b: float) -> bool:
     return a is not None and abs(a - b) <= 4e-7 * abs(b)
-
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and _graph.is_default_domain(node)
 
 
 def _only_reader(value: ir.Value) -> ir.Node | None:
@@ -82,14 +75,6 @@ def _scaled_by_one_sixth(node: ir.Node | None, value: ir.Value) -> bool:
         other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
         return value in node.inputs and _close(_scalar(other), 1.0 / 6.0)
     return False
-
-
-def _other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    if len(node.inputs) != 2:
-        return None
-    if node.inputs[0] is value:
-        return node.inputs[1]
-    return node.inputs[0] if node.inputs[1] is value else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,17 +133,12 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
         self.counts = {}
         rw = _Rewriter(model)
         hardswish_op = default_opset(model) >= HARDSWISH_OPSET
-        for container in _graph.all_graphs(model):
-            if isinstance(container, ir.Function):
-                rw.scope = container
-            for clip in list(container):
-                if not _is(clip, "Clip") or clip.graph is None:
-                    continue
-                found = match_hard_activation(clip)
-                if isinstance(found, str):
-                    logger.debug("Clip '%s' is not a hard activation: %s", clip.name, found)
-                    continue
-                self._replace(rw, found, hardswish_op)
+        for clip in nodes_to_rewrite(model, rw, ("Clip",)):
+            found = match_hard_activation(clip)
+            if isinstance(found, str):
+                logger.debug("Clip '%s' is not a hard activation: %s", clip.name, found)
+                continue
+            self._replace(rw, found, hardswish_op)
         if self.counts:
             logger.info("fuse_hardswish: %s", ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())))
         return ir.passes.PassResult(model, bool(self.counts))
