@@ -241,7 +241,10 @@ def _check_batchnorm(node: ir.Node) -> _BatchNorm | str:
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         return f"scale/B/mean/var are not 1-D of one length (shapes {[a.shape for a in arrays]})"
     gamma, beta, mean, var = arrays
-    return _BatchNorm(node, gamma, beta, mean, var, _graph.attr_float(node, "epsilon", 1e-5))
+    eps = _graph.attr_float(node, "epsilon", 1e-5)
+    if not (all(np.isfinite(a).all() for a in arrays) and np.all(var.astype(np.float64) + eps > 0)):
+        return "scale/B/mean/var hold NaN or Inf, or var + epsilon is not positive (it computes NaN or Inf)"
+    return _BatchNorm(node, gamma, beta, mean, var, eps)
 
 
 # ---------------------------------------------------------------- match + check a neighbour
