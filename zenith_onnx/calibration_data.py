@@ -169,7 +169,9 @@ class _Caster:
             with np.errstate(over="ignore"):
                 return array.astype(want)
         cast = array.astype(want)
-        if not np.array_equal(cast.astype(array.dtype), array):
+        with np.errstate(invalid="ignore"):  # a value past the round trip's range is not exact either
+            exact = np.array_equal(cast.astype(array.dtype), array)
+        if not exact:
             raise DataError(f"{self.where}: input '{name}' is {array.dtype} with values that {want} cannot hold exactly")
         return cast
 
