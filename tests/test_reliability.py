@@ -40,6 +40,9 @@ from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.quantize import quantize, quantize_file
 from zenith_onnx.ranges import MIN_RANGE_WIDTH, Ranges
 
+# A numpy warning would be one more stderr line in the CLI: each is a failure here.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 
 # ------------------------------------------------------------------ running the CLI
@@ -353,6 +356,35 @@ def test_ai_onnx_spelling_of_the_default_opset_quantizes(tmp_path):
     _assert_scales_sound(out)
 
 
+@pytest.mark.parametrize("edit", ["negative_var", "zero_var_and_epsilon", "nan_gamma", "inf_mean"])
+def test_batchnorm_statistics_that_compute_nan_are_left_not_folded(tmp_path, edit):
+    """var + epsilon <= 0 or non-finite statistics: folding would print numpy warnings and
+    make NaN weights; the BatchNormalization is left (and reported), the outputs unchanged."""
+    proto = _cnn_gemm()
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
+    if edit == "negative_var":
+        arrays["var"][3] = -2.0
+    elif edit == "zero_var_and_epsilon":
+        arrays["var"][3] = 0.0
+        proto.graph.node[1].attribute.append(helper.make_attribute("epsilon", 0.0))
+    elif edit == "nan_gamma":
+        arrays["gamma"][3] = np.nan
+    else:
+        arrays["mean"][3] = np.inf
+    for t in proto.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    onnx.save(proto, tmp_path / "m.onnx")
+    (result,) = _run_cli_batch([(tmp_path, ["optimize", "m.onnx", "-o", "o.onnx"])])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "0 folded, 0 converted to Mul+Add, 1 left" in result.stdout
+    assert "hold NaN or Inf, or var + epsilon is not positive" in result.stdout
+    feed = {"x": _NORMAL[0]}
+    ref = runtime.run(runtime.session(proto.SerializeToString()), feed)["y"]
+    got = runtime.run(runtime.session(str(tmp_path / "o.onnx")), feed)["y"]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=1e-5)
+
+
 # ------------------------------------------------------------------ malformed ranges JSON
 
 _RANGES = '{{"format": "zenith-onnx-ranges/1", "method": "minmax", "tensors": {{"x": {x}}}{extra}}}'
@@ -597,6 +629,8 @@ DATA_CASES = {
     "int8": ({"x": np.clip(_NORMAL * 40, -128, 127).astype(np.int8)}, None, None),
     "int64_exact": ({"x": np.full(_SHAPE, 2**40, np.int64)}, None, "constant on the calibration data"),
     "int64_inexact": ({"x": np.full(_SHAPE, 2**40 + 1, np.int64)}, "input 'x' is int64 with values that float32 cannot hold exactly", None),
+    "int64_max": ({"x": np.full(_SHAPE, 2**63 - 1, np.int64)}, "input 'x' is int64 with values that float32 cannot hold exactly", None),
+    "uint64_max": ({"x": np.full(_SHAPE, 2**64 - 1, np.uint64)}, "input 'x' is uint64 with values that float32 cannot hold exactly", None),
     "bool": ({"x": _NORMAL > 0}, None, None),
     "complex": ({"x": _NORMAL.astype(np.complex64)}, "input 'x' has dtype complex64, not a numeric array", None),
     "strings": ({"x": np.full(_SHAPE[:1], "0.5")}, "input 'x' has dtype <U3, not a numeric array", None),
