@@ -71,21 +71,10 @@ def optimize_float(path: Path, out: Path) -> dict:
 
 
 def prepare(model) -> tuple[object, list[str]]:
-    """QUANTIZE_PREPARE on ``model`` (in place, or a converted copy when the opset is
-    raised to fuse written-out LayerNorms); returns the model and notes."""
-    from zenith_onnx.opset import ensure_opset
-    from zenith_onnx.passes import QUANTIZE_PREPARE, build_pipeline
-    from zenith_onnx.passes.fuse_layernorm import LAYERNORM_OPSET
+    """QUANTIZE_PREPARE on ``model`` as quantize runs it (kept for the float-prepared column)."""
+    from zenith_onnx.quantize import prepare_for_quantization
 
-    pipeline = build_pipeline(QUANTIZE_PREPARE)
-    pipeline(model)
-    notes = []
-    layernorm = next(p for p in pipeline.passes if getattr(p, "pass_name", "") == "fuse_layernorm")
-    if layernorm.needs_opset:
-        model, note = ensure_opset(model, LAYERNORM_OPSET, f"{layernorm.needs_opset} written-out LayerNorm(s) to fuse")
-        notes.append(note)
-        build_pipeline(QUANTIZE_PREPARE)(model)
-    return model, notes
+    return prepare_for_quantization(model)
 
 
 def quantize_ours(path: Path, calib: list, out: Path, prepared: bool) -> dict:
@@ -93,8 +82,9 @@ def quantize_ours(path: Path, calib: list, out: Path, prepared: bool) -> dict:
     from zenith_onnx.quantize import quantize
 
     start = time.perf_counter()
-    model, notes = prepare(load_model(path)) if prepared else (load_model(path), [])
-    result = quantize(model, calib, report_samples=0, check_fusion=False)
+    model = load_model(path)
+    result = quantize(model, calib, report_samples=0, check_fusion=False, rewrite=prepared)
+    notes = []
     save_model(result.model, out)
     left = {}
     for item in result.report.get("left_float", []):

@@ -270,7 +270,7 @@ def _mobilenet_block(opset: int, hard_ops: bool) -> onnx.ModelProto:
 def test_prepared_models_quantize_into_integer_kernels_only(opset, hard_ops):
     proto = _mobilenet_block(opset, hard_ops)
     data = feeds(proto, scale=1.0, count=8)
-    plain = quantize(to_ir(proto), data, report_samples=0)
+    plain = quantize(to_ir(proto), data, report_samples=0, rewrite=False)
     prepared_model = rewrite(proto, *QUANTIZE_PREPARE)
     prepared = quantize(prepared_model, data, report_samples=0)
     plain_fed = plain.report["fusion"]["float_ops_fed_by_dq"]

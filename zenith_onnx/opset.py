@@ -29,4 +29,22 @@ def ensure_opset(model: ir.Model, minimum: int, reason: str) -> tuple[ir.Model, 
         raise ModelError(f"cannot raise the opset from {current} to {minimum} ({reason}): {first}") from None
     note = f"raised the opset from {current} to {minimum}: {reason}"
     logger.info(note)
-    return ir.serde.deserialize_model(converted), note
+    raised = ir.serde.deserialize_model(converted)
+    _carry_meta(model, raised)
+    return raised, note
+
+
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    values.update(model.graph.initializers)
+    for node in model.graph:
+        values.update((o.name, o) for o in node.outputs)
+    return values
+
+
+def _carry_meta(source: ir.Model, target: ir.Model) -> None:
+    """In-memory metadata (frozen quantization parameters) follows values by name."""
+    target_values = _values(target)
+    for name, value in _values(source).items():
+        if value.meta and name in target_values:
+            target_values[name].meta.update(value.meta)

@@ -66,11 +66,14 @@ def quantize(
     config: QuantConfig | None = None,
     report_samples: int = REPORT_SAMPLES,
     check_fusion: bool = True,
+    rewrite: bool = True,
 ) -> QuantizeResult:
     """Quantize a float (or partly quantized) model. ``model`` is not modified.
 
     data: calibration data (.npz path, iterable of feed dicts, or a CalibrationDataReader);
     ranges: a ranges JSON path / `Ranges` / ``{name: (min, max)}`` instead of data.
+    rewrite: run `QUANTIZE_PREPARE` (activations rewritten into ops onnxruntime runs on
+    integers); False folds BatchNorm only (for comparisons).
     """
     config = config or QuantConfig()
     timings: dict[str, float] = {}
@@ -93,8 +96,8 @@ def quantize(
             f"kept the existing quantization of {strip.report['frozen_activations']} activation(s) and "
             f"{strip.report['frozen_weights']} weight(s) (model already carried Q/DQ)"
         )
-    optimize = build_pipeline(["lift_constants", "fold_batchnorm", "cleanup", "infer_shapes"])
-    optimize(model)
+    model, prepare_notes = prepare_for_quantization(model) if rewrite else _fold_only(model)
+    notes.extend(prepare_notes)
     timings["fold"] = time.perf_counter() - t
     float_model = model.clone()
     _drop_meta(float_model)
@@ -143,6 +146,29 @@ def quantize(
         report["accuracy"] = accuracy_report(float_model, model, data, insert.tensor_map, report_samples)
         timings["accuracy_report"] = time.perf_counter() - t
     return QuantizeResult(model, float_model, report)
+
+
+def prepare_for_quantization(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    """Run `QUANTIZE_PREPARE` (folds, LayerNorm and hard-swish fusion, activations written
+    with ops that onnxruntime runs on integers). Written-out LayerNorms fuse only at opset
+    17: the opset is raised (and the passes run again) only when the model has some."""
+    from zenith_onnx.opset import ensure_opset
+    from zenith_onnx.passes import QUANTIZE_PREPARE
+    from zenith_onnx.passes.fuse_layernorm import LAYERNORM_OPSET
+
+    pipeline = build_pipeline(QUANTIZE_PREPARE)
+    pipeline(model)
+    layernorm = next(p for p in pipeline.passes if getattr(p, "pass_name", "") == "fuse_layernorm")
+    if not layernorm.needs_opset:
+        return model, []
+    model, note = ensure_opset(model, LAYERNORM_OPSET, f"{layernorm.needs_opset} written-out LayerNorm(s) to fuse")
+    build_pipeline(QUANTIZE_PREPARE)(model)
+    return model, [note]
+
+
+def _fold_only(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    build_pipeline(["lift_constants", "fuse_bias_add", "fold_batchnorm", "cleanup", "infer_shapes"])(model)
+    return model, []
 
 
 def _drop_meta(model: ir.Model) -> None:
