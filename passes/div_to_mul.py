@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
 from zenith_onnx.passes._match import nodes_to_rewrite
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["DivToMulPass"]
@@ -51,7 +51,7 @@ class DivToMulPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.rewritten = 0
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         for div in nodes_to_rewrite(model, rw, ("Div",)):
             reciprocal = _reciprocal(div)
             if isinstance(reciprocal, str):

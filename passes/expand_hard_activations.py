@@ -32,7 +32,7 @@ import onnx_ir as ir
 from zenith_onnx.modelio import default_opset
 from zenith_onnx.passes import _graph
 from zenith_onnx.passes._match import nodes_to_rewrite
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["ExpandHardActivationsPass"]
@@ -68,7 +68,7 @@ class ExpandHardActivationsPass(ir.passes.InPlacePass):
         if default_opset(model) < CLIP_INPUTS_OPSET:
             logger.debug("expand_hard_activations: opset %d < %d, nothing done", default_opset(model), CLIP_INPUTS_OPSET)
             return ir.passes.PassResult(model, False)
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         for node in nodes_to_rewrite(model, rw, ("HardSwish", "HardSigmoid")):
             found = _parameters(node)
             if isinstance(found, str):
@@ -81,7 +81,7 @@ class ExpandHardActivationsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(self.counts))
 
     @staticmethod
-    def _expand(rw: _Rewriter, node: ir.Node, alpha: float, beta: float) -> None:
+    def _expand(rw: Rewriter, node: ir.Node, alpha: float, beta: float) -> None:
         x, out, graph = node.inputs[0], node.outputs[0], node.graph
         dtype = x.dtype.numpy() if x.dtype is not None else np.float32
         base = node.name or node.op_type.lower()

@@ -59,6 +59,7 @@ import onnx_ir as ir
 
 from zenith_onnx import kernels
 from zenith_onnx.passes import _graph
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["FoldBatchNormPass", "FoldRecord", "FOLDED", "CONVERTED", "LEFT"]
@@ -116,80 +117,6 @@ def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
 def _first_rank(*values: ir.Value | None) -> int | None:
     """The rank of the first value whose shape is known."""
     return next((len(v.shape) for v in values if v is not None and v.shape is not None), None)
-
-
-class _Rewriter:
-    """Graph edits shared by the rewrites: unique names, new constants, node bypass and
-    dropping constants nothing reads any more. Built once per pass run."""
-
-    def __init__(self, model: ir.Model):
-        self._names: set[str] = set()
-        for container in _graph.all_graphs(model):
-            self._names.update(v.name for v in container.inputs if v.name)
-            if isinstance(container, ir.Graph):
-                self._names.update(container.initializers)
-            for node in container:
-                self._names.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self._names.add(node.name)
-        # Where new constants go: the node's own graph, or, inside a local function
-        # (which cannot hold initializers), a Constant node in the function body.
-        self.scope: ir.Graph | ir.Function | None = None
-
-    def unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._names:
-            name = f"{base}_{k}"
-            k += 1
-        self._names.add(name)
-        return name
-
-    def constant(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        target = self.scope if isinstance(self.scope, ir.Function) else graph
-        return _graph.make_initializer(target, self.unique(base), array)
-
-    def set_input(self, node: ir.Node, index: int, value: ir.Value) -> None:
-        if len(node.inputs) <= index:
-            node.resize_inputs(index + 1)
-        old = node.inputs[index]
-        node.replace_input_with(index, value)
-        self.drop_if_unused(old)
-
-    def new_node(self, op_type: str, inputs: list[ir.Value], like: ir.Value, base: str) -> ir.Node:
-        output = ir.Value(name=self.unique(base), type=like.type, shape=like.shape)
-        return ir.node(op_type, inputs, outputs=[output], name=self.unique(f"{base}_{op_type}"))
-
-    def bypass(self, bn: ir.Node, replacement: ir.Value) -> None:
-        """Make everything that read BN's output read ``replacement`` (which now computes
-        it), then remove BN. ``replacement`` takes BN's output name, so ranges and
-        references by tensor name (calibration files, graph outputs) keep meaning the
-        same values; a graph output also keeps its dtype and shape."""
-        out = bn.outputs[0]
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(replacement, replace_graph_outputs=True)
-        name = out.name
-        out.name = None
-        if was_output:
-            _graph.copy_value_type(out, replacement)
-        replacement.name = name
-        self.remove(bn)
-
-    def remove(self, node: ir.Node) -> None:
-        inputs = node.inputs
-        node.graph.remove(node, safe=True)
-        for value in inputs:
-            self.drop_if_unused(value)
-
-    def drop_if_unused(self, value: ir.Value | None) -> None:
-        """Remove a constant (initializer or Constant node) that nothing reads any more."""
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            return
-        if value.is_initializer():
-            value.graph.initializers.pop(value.name)
-            return
-        producer = value.producer()
-        if _is_op(producer, "Constant"):
-            producer.graph.remove(producer, safe=True)
 
 
 # ---------------------------------------------------------------- check the BatchNormalization
@@ -253,7 +180,7 @@ def _check_batchnorm(node: ir.Node) -> _BatchNorm | str:
 # name of the layer folded into) or the reason it does not apply. Matching reads
 # constants and validates shapes; nothing is edited until the rewrite runs.
 
-Rewrite = Callable[[_Rewriter], str]
+Rewrite = Callable[[Rewriter], str]
 
 
 def _weight(node: ir.Node, index: int, what: str) -> np.ndarray | str:
@@ -317,7 +244,7 @@ def _match_conv(bn: _BatchNorm, conv: ir.Node) -> Rewrite | str:
     if bias is not None and bias.shape != (out_channels,):
         return f"{_describe(conv)} bias has shape {bias.shape}, expected ({out_channels},)"
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         if transpose:
             # (C_in, C_out/g, k...) -> (C_in/g, g * C_out/g, k...): output channel
             # g * C_out/g + j on axis 1, the order BN's channels have.
@@ -334,7 +261,7 @@ def _match_conv(bn: _BatchNorm, conv: ir.Node) -> Rewrite | str:
     return rewrite
 
 
-def _replace_weight_and_bias(rw: _Rewriter, layer: ir.Node, weight: np.ndarray, bias_index: int, bias: np.ndarray) -> None:
+def _replace_weight_and_bias(rw: Rewriter, layer: ir.Node, weight: np.ndarray, bias_index: int, bias: np.ndarray) -> None:
     base = layer.name or layer.op_type.lower()
     rw.set_input(layer, 1, rw.constant(layer.graph, f"{base}.weight_bnfold", weight))
     rw.set_input(layer, bias_index, rw.constant(layer.graph, f"{base}.bias_bnfold", bias))
@@ -355,7 +282,7 @@ def _match_gemm(bn: _BatchNorm, gemm: ir.Node) -> Rewrite | str:
     if c is not None and c.size != 1 and c.shape not in ((bn.channels,), (1, bn.channels)):
         return f"{_describe(gemm)} C has shape {c.shape}, which is not one value per output feature"
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         # The layer's effective per-feature bias is beta * C; it becomes the new C and
         # beta goes back to its default of 1. alpha still scales A B only.
         bias = None
@@ -398,7 +325,7 @@ def _match_matmul(bn: _BatchNorm, matmul: ir.Node) -> Rewrite | str:
     if isinstance(weight, str):
         return weight
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         new_weight, new_bias = bn.fold_into(weight, None, axis=1)
         base = matmul.name or "matmul"
         rw.set_input(matmul, 1, rw.constant(matmul.graph, f"{base}.weight_bnfold", new_weight))
@@ -427,7 +354,7 @@ def _match_matmul_add(bn: _BatchNorm, add: ir.Node) -> Rewrite | str:
     if bias.size != 1 and bias.shape not in ((bn.channels,), (1, bn.channels)):
         return f"{_describe(add)} bias has shape {bias.shape}, which is not one value per output feature"
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         new_weight, new_bias = bn.fold_into(weight, np.broadcast_to(bias.reshape(-1), (bn.channels,)), axis=1)
         base = matmul.name or "matmul"
         rw.set_input(matmul, 1, rw.constant(matmul.graph, f"{base}.weight_bnfold", new_weight))
@@ -462,7 +389,7 @@ def _match_following_conv(bn: _BatchNorm) -> Rewrite | str:
     if weight.ndim < 3 or weight.shape[1] * group != bn.channels:
         return f"the following {_describe(conv)} has {weight.shape[1] * group} input channels, BatchNormalization {bn.channels}"
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         a, c = bn.affine()
         new_weight, new_bias = kernels.fold_batchnorm_into_following_weight(weight, bias, a, c, group=group)
         conv.replace_input_with(0, bn.node.inputs[0])
@@ -492,7 +419,7 @@ def _match_affine(bn: _BatchNorm) -> Rewrite | str:
     x = bn.node.inputs[0]
     dtype = x.dtype.numpy() if x.dtype is not None else bn.gamma.dtype
 
-    def rewrite(rw: _Rewriter) -> str:
+    def rewrite(rw: Rewriter) -> str:
         a, c = bn.affine()
         shape = kernels.broadcast_shape(rank, 1)[1:]
         graph = bn.node.graph
@@ -521,7 +448,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.report = []
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         for container in _graph.all_graphs(model):
             # all_graphs yields a function before its subgraphs and the main graph's
             # subgraphs before any function, so the scope is the last function seen.
@@ -534,7 +461,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, any(r.action != LEFT for r in self.report))
 
     @staticmethod
-    def _fold(node: ir.Node, rw: _Rewriter, where: str) -> FoldRecord:
+    def _fold(node: ir.Node, rw: Rewriter, where: str) -> FoldRecord:
         record = functools.partial(FoldRecord, node.name or "", node.outputs[0].name or "", where)
         name = _label(node.name, node.outputs[0].name)
         bn = _check_batchnorm(node)

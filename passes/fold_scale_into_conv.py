@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
 from zenith_onnx.passes._match import nodes_to_rewrite
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["FoldScaleIntoConvPass"]
@@ -97,7 +97,7 @@ class FoldScaleIntoConvPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.folded = 0
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         for mul in nodes_to_rewrite(model, rw, ("Mul",)):
             found = _match(mul)
             if isinstance(found, str):

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from zenith_onnx.passes import _graph
 from zenith_onnx.passes._match import nodes_to_rewrite
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["FuseBiasAddPass", "constant_through_shape_ops"]
@@ -132,7 +132,7 @@ class FuseBiasAddPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fused = []
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         for node in nodes_to_rewrite(model, rw, ("Add",)):
             found = _match(node) if len(node.inputs) == 2 else "it has one input"
             if isinstance(found, str):

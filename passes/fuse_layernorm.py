@@ -36,7 +36,7 @@ from zenith_onnx.passes._match import is_op as _is
 from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes._match import other_operand as _other
 from zenith_onnx.passes._match import scalar as _scalar
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.fuse_bias_add import constant_through_shape_ops
 from zenith_onnx.passes.registry import register
 
@@ -233,7 +233,7 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
         self.fused = 0
         self.needs_opset = 0
         opset = default_opset(model)
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         ranks: dict[int, dict[ir.Value, int]] = {}  # per graph, computed before its first rewrite
         for node in nodes_to_rewrite(model, rw, ("ReduceMean",)):
             graph_ranks = ranks.setdefault(id(node.graph), _ranks(node.graph))
@@ -254,7 +254,7 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(self.fused))
 
     @staticmethod
-    def _replace(rw: _Rewriter, ln: _LayerNorm) -> None:
+    def _replace(rw: Rewriter, ln: _LayerNorm) -> None:
         last = ln.nodes[-1]
         graph = last.graph
         dtype = ln.x.dtype.numpy() if ln.x.dtype is not None else np.float32

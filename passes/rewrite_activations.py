@@ -41,7 +41,7 @@ from zenith_onnx.passes._match import is_op as _is
 from zenith_onnx.passes._match import nodes_to_rewrite
 from zenith_onnx.passes._match import other_operand as _other_operand
 from zenith_onnx.passes._match import scalar as _scalar
-from zenith_onnx.passes.fold_batchnorm import _Rewriter
+from zenith_onnx.passes._rewriter import Rewriter
 from zenith_onnx.passes.registry import register
 
 __all__ = ["FuseHardSwishPass", "HardActivation", "match_hard_activation"]
@@ -131,7 +131,7 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counts = {}
-        rw = _Rewriter(model)
+        rw = Rewriter(model)
         hardswish_op = default_opset(model) >= HARDSWISH_OPSET
         for clip in nodes_to_rewrite(model, rw, ("Clip",)):
             found = match_hard_activation(clip)
@@ -143,7 +143,7 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
             logger.info("fuse_hardswish: %s", ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())))
         return ir.passes.PassResult(model, bool(self.counts))
 
-    def _replace(self, rw: _Rewriter, act: HardActivation, hardswish_op: bool) -> None:
+    def _replace(self, rw: Rewriter, act: HardActivation, hardswish_op: bool) -> None:
         graph = act.nodes[-1].graph
         base = act.nodes[0].name or "hard_activation"
         last = act.nodes[-1]
