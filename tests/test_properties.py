@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -198,13 +198,18 @@ def _mutate(data: bytes, mutations) -> bytes:
     return bytes(data)
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A folder for the files of every example (module-scoped, as Hypothesis wants)."""
+    return tmp_path_factory.mktemp("examples")
+
+
 @given(spec=graphs(max_ops=4), mutations=st.lists(_mutation, min_size=1, max_size=3))
-def test_mutated_model_bytes_are_refused_by_name_or_handled(tmp_path, spec: GraphSpec, mutations, tally):
+def test_mutated_model_bytes_are_refused_by_name_or_handled(scratch, spec: GraphSpec, mutations, tally):
     """Flipped, overwritten, inserted, deleted and cut bytes: `load_model` refuses the file
     with a message naming it, or loads it; a loaded model is optimized and quantized, or
     refused with a `ZenithError`: never another exception."""
-    path = tmp_path / "m.onnx"
+    path = scratch / "m.onnx"
     path.write_bytes(_mutate(spec.build().SerializeToString(), mutations))
     tally["hypothesis examples: mutated model files"] += 1
     try:
@@ -257,12 +262,11 @@ def _ranges_documents(draw):
 _RANGES_MODEL = GraphSpec(8, 3, 3, (Op("conv", channels=4, kernel=3, pad=True, bias=True), Op("relu", a=1)))
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=_ranges_documents())
-def test_random_ranges_files_are_refused_or_give_sound_scales(tmp_path, doc, tally):
+def test_random_ranges_files_are_refused_or_give_sound_scales(scratch, doc, tally):
     """Any ranges document: `Ranges.load` refuses it in one line naming the file, or the
     model quantized with it has only finite, normal scales."""
-    path = tmp_path / "r.json"
+    path = scratch / "r.json"
     path.write_text(json.dumps(doc, allow_nan=True, default=str))
     tally["hypothesis examples: ranges files"] += 1
     try:
@@ -313,7 +317,6 @@ def _calibration_arrays(draw):
     return {"x": array} if draw(st.integers(0, 19)) else {"x": array, "extra": array}
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(arrays=_calibration_arrays())
 def test_random_calibration_arrays_are_refused_or_give_sound_scales(arrays, tally):
     """Any dtype, shape and values (NaN, Inf, 1e38, denormals, zeros, huge integers): a
