@@ -648,8 +648,15 @@ def _quantize_data(model_proto: onnx.ModelProto, arrays, config: QuantConfig | N
     return quantize(ir.serde.deserialize_model(model_proto), arrays, config=config, report_samples=4)
 
 
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(activation_bits=16), QuantConfig(per_channel=False)],
-                         ids=["u8-per-channel", "u16", "per-tensor"])
+CONFIGS = {
+    "u8-per-channel": QuantConfig(),
+    "u16": QuantConfig(activation_bits=16),
+    "per-tensor": QuantConfig(per_channel=False),
+    "w4-asymmetric-entropy": QuantConfig(weight_bits=4, symmetric_weights=False, method="entropy"),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
 def test_calibration_data_gives_an_error_or_sound_scales(caplog, tally, case, config):
     """Through the Python API: every bad array is a one-line `DataError`, or the model is
@@ -675,7 +682,7 @@ def test_calibration_data_gives_an_error_or_sound_scales(caplog, tally, case, co
 def test_tiny_weights_with_zero_data_keep_every_scale_normal(caplog, weight_scale):
     """The int32 bias scale is input scale x weight scale; with all-zero data (input scale
     1e-6/255) and weights near 1e-36 it used to round to 0 or a denormal float32."""
-    for config in (QuantConfig(), QuantConfig(activation_bits=16), QuantConfig(per_channel=False)):
+    for config in CONFIGS.values():
         result = _quantize_data(_cnn_gemm(weight_scale=weight_scale), {"x": np.zeros(_SHAPE, np.float32)}, config)
         _assert_scales_sound(ir.serde.serialize_model(result.model), int32_biases=3)
         assert np.isfinite(result.report["accuracy"]["sqnr_db"])
