@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from test_cli_errors import BAD_MODELS
 from test_cli_errors import model as tiny_model  # x[1,4] -> MatMul(eye) -> t -> Relu -> y
-from zenith_onnx import runtime, synthetic
+from zenith_onnx import runtime
 from zenith_onnx.calibration import calibrate_file
 from zenith_onnx.errors import DataError, ModelError, UsageError, ZenithError
 from zenith_onnx.qconfig import QuantConfig
@@ -209,8 +209,8 @@ def _attribute_without_type(proto: onnx.ModelProto) -> None:
     proto.graph.node[1].attribute.append(onnx.AttributeProto(name="alpha"))  # type UNDEFINED
 
 
-def _set_dims(dims):
-    return lambda proto: proto.graph.initializer[0].dims.__setitem__(slice(None), dims)
+def _negative_dims(proto: onnx.ModelProto) -> None:
+    proto.graph.initializer[0].dims[:] = [-4, -4]
 
 
 def _float_data_too_short(proto: onnx.ModelProto) -> None:
@@ -263,7 +263,7 @@ MORE_BAD_MODELS = {
         _tiny_bytes(edit=lambda p: p.opset_import[0].__setattr__("domain", "my.ops")),
         "uses the ai.onnx domain but the model imports no ai.onnx opset",
     ),
-    "negative_dims": (_tiny_bytes(edit=_set_dims([-4, -4])), "initializer 'w' has negative dims [-4, -4]"),
+    "negative_dims": (_tiny_bytes(edit=_negative_dims), "initializer 'w' has negative dims [-4, -4]"),
     "float_data_too_short": (_tiny_bytes(edit=_float_data_too_short), "initializer 'w' has shape 4x4 (16 float values, 16 float_data values) but holds 3"),
     "unknown_data_type": (_tiny_bytes(edit=_unknown_data_type), "initializer 'w' has unknown data type 999"),
     "attribute_without_type": (_tiny_bytes(edit=_attribute_without_type), "attribute 'alpha' of node 'relu' (Relu) in the main graph has no valid type"),
