@@ -27,7 +27,7 @@ C = 8
 BIG = 200.0
 
 
-def _model() -> ir.Model:
+def _model(name_b: str = "Conv_b") -> ir.Model:
     rng = np.random.default_rng(0)
     wa = rng.standard_normal((C, 4, 3, 3)).astype(np.float32) * 0.25
     wb = rng.standard_normal((C, C, 1, 1)).astype(np.float32) * 0.35
@@ -39,7 +39,7 @@ def _model() -> ir.Model:
     nodes = [
         helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="Conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["a_relu"], name="Relu_a"),
-        helper.make_node("Conv", ["a_relu", "wb", "bb"], ["b"], name="Conv_b", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["a_relu", "wb", "bb"], ["b"], name=name_b, kernel_shape=[1, 1]),
         helper.make_node("Relu", ["b"], ["t"], name="Relu_b"),
         helper.make_node("Conv", ["t", "wc"], ["y"], name="Conv_c", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=C),
     ]
@@ -148,3 +148,13 @@ def test_a_generator_of_feeds_is_read_once_and_reused():
     feeds = ({"x": x} for x in data["x"])
     result = quantize_with_fallback(model, feeds, goal_sqnr_db=30.0, max_float_nodes=4, latency_runs=0)
     assert result.report["samples"] == 8 and result.report["goal_met"]
+
+
+def test_a_unit_touching_an_unnamed_node_is_never_chosen():
+    """Exclusion works by node name: the tensor after an unnamed Conv cannot be kept float."""
+    model, data = _model(name_b=""), _data()
+    units = layer_sensitivity(model, data)
+    assert (units[0].name, units[0].keep_float) == ("b", ())
+    result = quantize_with_fallback(model, data, goal_sqnr_db=30.0, max_float_nodes=4, latency_runs=0,
+                                    sensitivity=units)
+    assert "" not in result.report["kept_float"] and not result.report["goal_met"]

@@ -45,7 +45,7 @@ __all__ = ["Sensitivity", "FallbackResult", "layer_sensitivity", "quantize_with_
 
 logger = logging.getLogger(__name__)
 
-SENSITIVITY_SAMPLES = 8
+SENSITIVITY_SAMPLES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,8 @@ class Sensitivity:
     """One quantized unit: an activation tensor, or the constants of one compute node.
 
     sqnr_db: output SQNR when only this unit is quantized (higher is harmless).
-    keep_float: names of the compute nodes to exclude so that the unit stays float.
+    keep_float: names of the compute nodes to exclude so that the unit stays float (empty
+        when one of them has no name: such a unit is never chosen).
     """
 
     kind: str  # "activation" | "constants"
@@ -267,19 +268,23 @@ def _unit_sensitivity(float_model: ir.Model, qdq_model: ir.Model, feeds: list[di
     def measure(proto: onnx.ModelProto) -> float:
         return sqnr_db(reference, _outputs(runtime.session(proto.SerializeToString(), "disable_all"), feeds))
 
+    def names(group: set[ir.Node]) -> tuple[str, ...]:
+        # QuantConfig.exclude takes names: a unit touching an unnamed node cannot be kept float.
+        return tuple(sorted(n.name for n in group)) if all(n.name for n in group) else ()
+
     result = []
     for tensor, (scale, zp) in sorted(_activation_qparams(qdq_model, set(produced)).items()):
-        keep = sorted(n.name for n in _compute_neighbours(produced[tensor]))
+        keep = names(_compute_neighbours(produced[tensor]))
         producer = produced[tensor].producer()
         op = producer.op_type if producer is not None else "graph input"
-        result.append(Sensitivity("activation", tensor, op, measure(_with_fake_quant(base, tensor, scale, zp)), tuple(keep)))
+        result.append(Sensitivity("activation", tensor, op, measure(_with_fake_quant(base, tensor, scale, zp)), keep))
     for name, arrays in sorted(_dequantized_constants(qdq_model).items()):
         if name not in nodes:
             continue
         # The node's output must lose its Q as well: onnxruntime re-quantizes the float
         # weight of a ``DQ -> Conv -> Q`` group itself.
-        keep = sorted({name, *(n.name for n in _compute_neighbours(nodes[name].outputs[0]))})
-        result.append(Sensitivity("constants", name, nodes[name].op_type, measure(_with_constants(base, name, arrays)), tuple(keep)))
+        keep = names({nodes[name], *_compute_neighbours(nodes[name].outputs[0])})
+        result.append(Sensitivity("constants", name, nodes[name].op_type, measure(_with_constants(base, name, arrays)), keep))
     result.sort(key=lambda s: s.sqnr_db)
     return result
 
@@ -324,11 +329,13 @@ def quantize_with_fallback(
     max_rounds: int = 4,
     samples: int = SENSITIVITY_SAMPLES,
     latency_runs: int = 30,
+    sensitivity: Sequence[Sensitivity] | None = None,
 ) -> FallbackResult:
     """Quantize ``model``, then keep the costliest units float until the output SQNR on
     the first ``samples`` calibration feeds reaches ``goal_sqnr_db`` or ``max_float_nodes``
     compute nodes are excluded. ``config.exclude`` entries are kept and not counted.
-    ``latency_runs`` 0 skips the latency measurement.
+    ``latency_runs`` 0 skips the latency measurement. ``sensitivity``: units from an
+    earlier `layer_sensitivity` with the same model, data and config (skips measuring).
     """
     from zenith_onnx.quantize import quantize
 
@@ -338,7 +345,7 @@ def quantize_with_fallback(
     base = quantize(model, data, config=config, report_samples=0, check_fusion=False)
     feeds = _feeds(data, base.float_model, samples)
     before = _deployed_sqnr(base.float_model, base.model, feeds)
-    units = _unit_sensitivity(base.float_model, base.model, feeds)
+    units = list(sensitivity) if sensitivity is not None else _unit_sensitivity(base.float_model, base.model, feeds)
     t_sens = time.perf_counter() - t0
 
     chosen: list[Sensitivity] = []
@@ -358,7 +365,7 @@ def quantize_with_fallback(
         for u in candidates:
             if u in chosen:
                 continue
-            new = [n for n in u.keep_float if n not in kept]
+            new = [n for n in u.keep_float if n not in kept and n not in config.exclude]
             if len(kept) + len(new) > max_float_nodes:
                 continue
             chosen.append(u)
