@@ -188,7 +188,8 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if faster:
             logger.debug("%s %s stays float: %s", node.op_type, node.name, faster)
             plan.left_float.append((node.name, node.op_type, faster))
-            _plan_output(plan, node, rule, exclude)
+            if not node.outputs[0].is_graph_output():  # a Q/DQ there would only add error
+                _plan_output(plan, node, rule, exclude)
             continue
         plan.compute.append(node)
         slots = range(len(node.inputs)) if rule.all_inputs else rule.activations

@@ -410,3 +410,17 @@ def test_cli_calibrate_then_quantize_with_ranges(tmp_path):
     s1 = sorted(float(_const(q.inputs[1])) for q in _nodes(direct, "QuantizeLinear"))
     s2 = sorted(float(_const(q.inputs[1])) for q in _nodes(via_ranges, "QuantizeLinear"))
     np.testing.assert_allclose(s1, s2, rtol=1e-6)  # same ranges -> same scales
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"input": (-1.0, 1e300)}, "float32"),
+    ({"input": (float("nan"), 1.0)}, "input"),
+    ({"input": (2.0, 1.0)}, "min 2.0 > max 1.0"),
+    ({"input": {"min": 0.0}}, "must be"),
+])
+def test_ranges_given_as_a_mapping_are_validated(bad, message):
+    from zenith_onnx.errors import DataError
+
+    proto = synthetic.conv_bn_relu_cnn()
+    with pytest.raises(DataError, match=message):
+        quantize(_ir(proto), None, ranges=bad, check_fusion=False, report_samples=0)

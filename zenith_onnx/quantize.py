@@ -25,6 +25,7 @@ from zenith_onnx.passes import build_pipeline
 from zenith_onnx.passes.insert_qdq import FROZEN_QPARAMS, InsertQDQPass, plan_quantization
 from zenith_onnx.passes.strip_qdq import StripQDQPass
 from zenith_onnx.qconfig import QuantConfig
+from zenith_onnx.ranges import FORMAT as RANGES_FORMAT
 
 __all__ = ["QuantizeResult", "quantize", "quantize_file"]
 
@@ -44,18 +45,24 @@ class QuantizeResult:
 
 
 def _load_ranges(ranges) -> dict[str, tuple[float, float]]:
+    """``{name: (min, max)}`` from a ranges file, a `Ranges`, or a Python mapping of
+    ``(min, max)`` / ``{"min", "max"}``; everything goes through the file format's checks
+    (finite, within float32, min <= max)."""
+    from zenith_onnx.ranges import Ranges
+
     if ranges is None:
         return {}
     if isinstance(ranges, (str, os.PathLike)):
-        from zenith_onnx.ranges import Ranges
-
         ranges = Ranges.load(ranges)
-    tensors = getattr(ranges, "tensors", ranges)
-    out = {}
-    for name, r in tensors.items():
-        lo, hi = (r.min, r.max) if hasattr(r, "min") else (r["min"], r["max"]) if isinstance(r, Mapping) else r
-        out[name] = (float(lo), float(hi))
-    return out
+    elif not isinstance(ranges, Ranges):
+        if not isinstance(ranges, Mapping):
+            raise DataError(f"ranges: expected a file, a Ranges or a mapping, got {type(ranges).__name__}")
+        entries = {}
+        for name, r in ranges.items():
+            pair = r if isinstance(r, Mapping) else dict(zip(("min", "max"), r)) if isinstance(r, (tuple, list)) else r
+            entries[name] = pair
+        ranges = Ranges.from_dict({"format": RANGES_FORMAT, "method": "given", "tensors": entries}, "ranges")
+    return {name: (r.min, r.max) for name, r in ranges.tensors.items()}
 
 
 def quantize(
