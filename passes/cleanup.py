@@ -51,4 +51,20 @@ class InferShapesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         inner = common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)
-        return ir.passes.PassResult(model, inner(model).modified)
+        # onnx_ir logs a failed inference as a warning with a full traceback; keep it to
+        # one line of ours (the model is left as it was, which is fine for the callers).
+        source = logging.getLogger(common.ShapeInferencePass.__module__)
+        failures: list[str] = []
+
+        def capture(record: logging.LogRecord) -> bool:
+            failures.append(str(record.exc_info[1]).splitlines()[0][:200] if record.exc_info else record.getMessage())
+            return False
+
+        source.addFilter(capture)
+        try:
+            modified = inner(model).modified
+        finally:
+            source.removeFilter(capture)
+        for failure in failures:
+            logger.info("shape inference left the model unchanged: %s", failure)
+        return ir.passes.PassResult(model, modified)
