@@ -158,3 +158,19 @@ def test_a_unit_touching_an_unnamed_node_is_never_chosen():
     result = quantize_with_fallback(model, data, goal_sqnr_db=30.0, max_float_nodes=4, latency_runs=0,
                                     sensitivity=units)
     assert "" not in result.report["kept_float"] and not result.report["goal_met"]
+
+
+def test_a_round_that_does_not_raise_the_sqnr_is_undone():
+    """A unit ranked first that buys nothing (Conv_a alone: onnxruntime quantizes its float
+    weight again) is undone; the next round keeps the real culprit float."""
+    from zenith_onnx.sensitivity import Sensitivity
+
+    model, data = _model(), _data()
+    units = layer_sensitivity(model, data)
+    useless = Sensitivity("activation", "decoy", "Conv", -50.0, ("Conv_a",))
+    result = quantize_with_fallback(model, data, goal_sqnr_db=30.0, max_float_nodes=4, latency_runs=0,
+                                    sensitivity=[useless, *units])
+    r = result.report
+    assert [x["accepted"] for x in r["rounds"]] == [False, True]
+    assert r["rounds"][0]["added"][0]["name"] == "decoy"
+    assert sorted(r["kept_float"]) == ["Conv_b", "Conv_c"] and r["goal_met"]

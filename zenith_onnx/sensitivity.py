@@ -333,7 +333,8 @@ def quantize_with_fallback(
 ) -> FallbackResult:
     """Quantize ``model``, then keep the costliest units float until the output SQNR on
     the first ``samples`` calibration feeds reaches ``goal_sqnr_db`` or ``max_float_nodes``
-    compute nodes are excluded. ``config.exclude`` entries are kept and not counted.
+    compute nodes are excluded (a round of exclusions that lowers the SQNR is undone).
+    ``config.exclude`` entries are kept and not counted.
     ``latency_runs`` 0 skips the latency measurement. ``sensitivity``: units from an
     earlier `layer_sensitivity` with the same model, data and config (skips measuring).
     """
@@ -349,6 +350,7 @@ def quantize_with_fallback(
     t_sens = time.perf_counter() - t0
 
     chosen: list[Sensitivity] = []
+    rejected: list[Sensitivity] = []
     kept: list[str] = []
     rounds = []
     current, current_sqnr = base, before
@@ -359,29 +361,39 @@ def quantize_with_fallback(
             break
         # The summed one-at-a-time noises overestimate the measured noise (saturating
         # outputs, correlated errors): scale them so that they add up to the measurement.
-        left = sum(u.noise for u in units if u not in chosen)
+        left = sum(u.noise for u in units if u not in chosen and u not in rejected)
         ratio = 10.0 ** (-current_sqnr / 10.0) / left if left > 0 else 1.0
-        added = []
+        added: list[Sensitivity] = []
+        trial = list(kept)
         for u in candidates:
-            if u in chosen:
+            if u in chosen or u in rejected:
                 continue
-            new = [n for n in u.keep_float if n not in kept and n not in config.exclude]
-            if len(kept) + len(new) > max_float_nodes:
+            new = [n for n in u.keep_float if n not in trial and n not in config.exclude]
+            if len(trial) + len(new) > max_float_nodes:
                 continue
-            chosen.append(u)
             added.append(u)
-            kept.extend(new)
+            trial.extend(new)
             left -= u.noise
             if left * ratio <= goal_noise:
                 break
         if not added:
             break
-        exclude = tuple(dict.fromkeys([*config.exclude, *kept]))
-        current = quantize(model, data, config=dataclasses.replace(config, exclude=exclude),
+        exclude = tuple(dict.fromkeys([*config.exclude, *trial]))
+        attempt = quantize(model, data, config=dataclasses.replace(config, exclude=exclude),
                            report_samples=0, check_fusion=False)
-        current_sqnr = _deployed_sqnr(current.float_model, current.model, feeds)
-        rounds.append({"added": [u.to_dict() for u in added], "float_nodes": len(kept), "sqnr_db": _finite(current_sqnr)})
-        logger.info("fallback round %d: %d node(s) float, SQNR %.1f dB", len(rounds), len(kept), current_sqnr)
+        sqnr = _deployed_sqnr(attempt.float_model, attempt.model, feeds)
+        # Excluding nodes moves Q/DQ pairs (an activation no longer absorbed, scale groups
+        # split): a round that lowers the SQNR is undone and its units are not tried again.
+        accepted = sqnr > current_sqnr
+        rounds.append({"added": [u.to_dict() for u in added], "float_nodes": len(trial), "sqnr_db": _finite(sqnr),
+                       "accepted": accepted})
+        logger.info("fallback round %d: %d node(s) float, SQNR %.1f dB%s", len(rounds), len(trial), sqnr,
+                    "" if accepted else " (worse: undone)")
+        if accepted:
+            chosen.extend(added)
+            kept, current, current_sqnr = trial, attempt, sqnr
+        else:
+            rejected.extend(added)
 
     report = {
         "goal_sqnr_db": goal_sqnr_db,
