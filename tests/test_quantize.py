@@ -424,3 +424,39 @@ def test_ranges_given_as_a_mapping_are_validated(bad, message):
     proto = synthetic.conv_bn_relu_cnn()
     with pytest.raises(DataError, match=message):
         quantize(_ir(proto), None, ranges=bad, check_fusion=False, report_samples=0)
+
+
+def test_several_inputs_and_outputs_and_ops_without_integer_kernels():
+    rng = np.random.default_rng(0)
+    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{len(s)}_{rng.integers(1e9)}")
+    wa, wb = w(4, 3, 3, 3), w(4, 3, 3, 3)
+    nodes = [
+        helper.make_node("Conv", ["a", wa.name], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", wb.name], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["ca", "cb"], ["sum"], name="add"),
+        helper.make_node("Erf", ["sum"], ["erf"], name="erf"),  # no integer kernel: stays float
+        helper.make_node("Mul", ["erf", "ca"], ["prod"], name="mul"),
+        helper.make_node("Relu", ["cb"], ["side"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_in_two_out",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 3, 8, 8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("prod", "side")],
+        [wa, wb],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    samples = [{n: rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for n in ("a", "b")} for _ in range(6)]
+    result = quantize(_ir(proto), samples, report_samples=4)
+    model = result.model
+    assert [o.name for o in model.graph.outputs] == ["prod", "side"]
+    assert [i.name for i in model.graph.inputs] == ["a", "b"]
+    assert len(_nodes(model, "Erf")) == 1
+    erf = _nodes(model, "Erf")[0]
+    assert erf.inputs[0].producer().op_type == "DequantizeLinear"  # fed from the quantized Add
+    assert result.report["quantized_ops"]["Add"] == 1 and result.report["quantized_ops"]["Mul"] == 1
+    outputs = result.report["accuracy"]["outputs"]
+    assert set(outputs) == {"prod", "side"} and all(o["sqnr_db"] > 25 for o in outputs.values())
+    feed = {n: rng.standard_normal((3, 3, 8, 8)).astype(np.float32) for n in ("a", "b")}  # dynamic batch
+    got = runtime.run(runtime.session(model), feed)
+    assert got["prod"].shape == (3, 4, 8, 8) and got["side"].shape == (3, 4, 8, 8)
