@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from zenith_onnx.runtime import interleaved_latency  # noqa: F401  (re-exported for the bench modules)
+
 __all__ = ["peak_rss_run", "interleaved_latency", "calibration_reader", "first_line", "machine", "cpu_model", "cpu_flags"]
 
 
@@ -69,44 +71,8 @@ def _wrap(timeout: float, argv: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------ latency
-
-
-def interleaved_latency(
-    sessions: Mapping[str, object],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    runs: int = 100,
-    warmup: int = 10,
-) -> dict[str, dict]:
-    """Time ``sessions`` (onnxruntime InferenceSessions by label) in alternating rounds.
-
-    Every session first runs ``warmup`` times; then each of ``runs`` rounds runs every
-    session once on the same feed (feeds cycle), in the order given, so slow phases of a
-    shared machine hit all of them alike. Returns per label ``median_ms``, ``p90_ms``,
-    ``min_ms`` and ``runs``.
-    """
-    labels = list(sessions)
-    feeds = [dict(f) for f in feeds]
-    for label in labels:
-        for i in range(warmup):
-            sessions[label].run(None, feeds[i % len(feeds)])
-    times = {label: np.empty(runs) for label in labels}
-    clock = time.perf_counter
-    for r in range(runs):
-        feed = feeds[r % len(feeds)]
-        for label in labels:
-            sess = sessions[label]
-            t = clock()
-            sess.run(None, feed)
-            times[label][r] = clock() - t
-    return {
-        label: {
-            "median_ms": float(np.median(t) * 1e3),
-            "p90_ms": float(np.percentile(t, 90) * 1e3),
-            "min_ms": float(t.min() * 1e3),
-            "runs": runs,
-        }
-        for label, t in times.items()
-    }
+# interleaved_latency lives in zenith_onnx.runtime (imported above); the demos and the
+# fallback measure with it too.
 
 
 def calibration_reader(feeds: Sequence[Mapping[str, np.ndarray]]):

@@ -460,3 +460,24 @@ def test_several_inputs_and_outputs_and_ops_without_integer_kernels():
     feed = {n: rng.standard_normal((3, 3, 8, 8)).astype(np.float32) for n in ("a", "b")}  # dynamic batch
     got = runtime.run(runtime.session(model), feed)
     assert got["prod"].shape == (3, 4, 8, 8) and got["side"].shape == (3, 4, 8, 8)
+
+
+def test_cli_auto_fallback_keeps_costly_layers_float(tmp_path):
+    import json
+
+    proto = synthetic.mobilenet_v2()
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 8))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "zenith_onnx", *map(str, a)], capture_output=True, text=True)
+    proc = run("quantize", src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "calib.npz", "--auto-fallback",
+               "--max-float-nodes", "4", "--fallback-goal-db", "60", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    fallback = json.loads((tmp_path / "r.json").read_text())["fallback"]
+    assert 0 < len(fallback["kept_float"]) <= 4
+    assert fallback["sqnr_db_after"] >= fallback["sqnr_db_before"]
+    kept = set(fallback["kept_float"])
+    assert {n.name for n in ir.load(tmp_path / "q.onnx").graph if n.name in kept}  # the nodes are still there, in float
+    proc = run("quantize", src, "-o", tmp_path / "q2.onnx", "--ranges", tmp_path / "r.json", "--auto-fallback")
+    assert proc.returncode == 2 and "needs --data" in proc.stderr
+    assert not (tmp_path / "q2.onnx").exists()

@@ -89,6 +89,12 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="minmax", help="calibration method (with --data)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="node names or op types to keep in float")
     p.add_argument("--report", help="write the accuracy report as JSON here")
+    p.add_argument("--auto-fallback", action="store_true",
+                   help="keep the layers that cost the most accuracy in float (needs --data)")
+    p.add_argument("--fallback-goal-db", type=float, default=30.0, metavar="DB",
+                   help="output SQNR on the calibration data to reach (default %(default)s)")
+    p.add_argument("--max-float-nodes", type=int, default=16, metavar="N",
+                   help="at most this many nodes kept float (default %(default)s)")
     p.set_defaults(handler=_cmd_quantize)
 
 
@@ -254,7 +260,11 @@ def _cmd_quantize(args) -> int:
         method=args.method,
         exclude=tuple(args.exclude),
     )
-    quantize_file(args.model, args.output, data=args.data, ranges=args.ranges, config=config, report_path=args.report)
+    fallback = None
+    if args.auto_fallback:
+        fallback = {"goal_sqnr_db": args.fallback_goal_db, "max_float_nodes": args.max_float_nodes}
+    quantize_file(args.model, args.output, data=args.data, ranges=args.ranges, config=config,
+                  report_path=args.report, fallback=fallback)
     return EXIT_OK
 
 

@@ -334,8 +334,12 @@ def quantize_file(
     ranges=None,
     config: QuantConfig | None = None,
     report_path=None,
+    fallback: dict | None = None,
 ) -> QuantizeResult:
-    """CLI entry: load, quantize, save atomically, print the report."""
+    """CLI entry: load, quantize, save atomically, print the report.
+
+    ``fallback`` (``{"goal_sqnr_db": ..., "max_float_nodes": ...}``) keeps the layers that
+    cost the most accuracy in float (`zenith_onnx.sensitivity.quantize_with_fallback`)."""
     from zenith_onnx.modelio import atomic_output, load_model, save_model
 
     _check_paths(model_path, output_path, data, ranges, report_path)
@@ -348,7 +352,17 @@ def quantize_file(
         from zenith_onnx.calibration_data import load_npz
 
         data_hint = load_npz(data_hint, model)
-    result = quantize(model, data_hint, ranges=ranges, config=config)
+    if fallback is not None:
+        if data_hint is None:
+            raise UsageError("--auto-fallback needs --data: it runs the model to find the costly layers")
+        from zenith_onnx.sensitivity import quantize_with_fallback
+
+        chosen = quantize_with_fallback(model, data_hint, config, **fallback)
+        report = chosen.report.pop("quantize_report", {})
+        result = QuantizeResult(chosen.model, chosen.float_model, {**report, "fallback": chosen.report})
+        print(chosen.format())
+    else:
+        result = quantize(model, data_hint, ranges=ranges, config=config)
     save_model(result.model, output_path)
     if report_path:
         with atomic_output(report_path) as tmp:

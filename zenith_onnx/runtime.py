@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import onnxruntime as ort
 
 from zenith_onnx.errors import ModelError
 
-__all__ = ["LEVELS", "model_bytes", "session", "run", "model_file"]
+__all__ = ["LEVELS", "model_bytes", "session", "run", "model_file", "interleaved_latency"]
 
 LEVELS = {
     "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -93,3 +94,41 @@ def run(
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     values = sess.run(names, dict(feeds))
     return dict(zip(names, values))
+
+
+def interleaved_latency(
+    sessions: Mapping[str, object],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    runs: int = 100,
+    warmup: int = 10,
+) -> dict[str, dict]:
+    """Time ``sessions`` (onnxruntime InferenceSessions by label) in alternating rounds.
+
+    Every session first runs ``warmup`` times; then each of ``runs`` rounds runs every
+    session once on the same feed (feeds cycle), in the order given, so slow phases of a
+    shared machine hit all of them alike. Returns per label ``median_ms``, ``p90_ms``,
+    ``min_ms`` and ``runs``.
+    """
+    labels = list(sessions)
+    feeds = [dict(f) for f in feeds]
+    for label in labels:
+        for i in range(warmup):
+            sessions[label].run(None, feeds[i % len(feeds)])
+    times = {label: np.empty(runs) for label in labels}
+    clock = time.perf_counter
+    for r in range(runs):
+        feed = feeds[r % len(feeds)]
+        for label in labels:
+            sess = sessions[label]
+            t = clock()
+            sess.run(None, feed)
+            times[label][r] = clock() - t
+    return {
+        label: {
+            "median_ms": float(np.median(t) * 1e3),
+            "p90_ms": float(np.percentile(t, 90) * 1e3),
+            "min_ms": float(t.min() * 1e3),
+            "runs": runs,
+        }
+        for label, t in times.items()
+    }

@@ -41,7 +41,7 @@ from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS
 from zenith_onnx.testing import sqnr_db
 
-__all__ = ["Sensitivity", "FallbackResult", "layer_sensitivity", "quantize_with_fallback", "interleaved_latency"]
+__all__ = ["Sensitivity", "FallbackResult", "layer_sensitivity", "quantize_with_fallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,24 +292,6 @@ def _unit_sensitivity(float_model: ir.Model, qdq_model: ir.Model, feeds: list[di
 # ------------------------------------------------------------------ latency
 
 
-def interleaved_latency(sessions: Mapping[str, object], feeds: Sequence[Mapping[str, np.ndarray]],
-                        runs: int = 50, warmup: int = 5) -> dict[str, dict]:
-    """Median and p90 (ms) per session, run in alternating rounds (A, B, C, A, ...) after warm-up."""
-    labels = list(sessions)
-    for label in labels:
-        for i in range(warmup):
-            sessions[label].run(None, dict(feeds[i % len(feeds)]))
-    times = {label: np.empty(runs) for label in labels}
-    for r in range(runs):
-        feed = dict(feeds[r % len(feeds)])
-        for label in labels:
-            t = time.perf_counter()
-            sessions[label].run(None, feed)
-            times[label][r] = time.perf_counter() - t
-    return {label: {"median_ms": float(np.median(t) * 1e3), "p90_ms": float(np.percentile(t, 90) * 1e3), "runs": runs}
-            for label, t in times.items()}
-
-
 # ------------------------------------------------------------------ fallback
 
 
@@ -412,7 +394,7 @@ def quantize_with_fallback(
     if latency_runs:
         sessions = {"float": runtime.session(base.float_model, "all"), "int8": runtime.session(base.model, "all"),
                     "fallback": runtime.session(current.model, "all")}
-        lat = interleaved_latency(sessions, feeds[:4], runs=latency_runs)
+        lat = runtime.interleaved_latency(sessions, feeds[:4], runs=latency_runs, warmup=5)
         report["latency_ms"] = lat
         report["latency_ratio"] = {k: v["median_ms"] / lat["float"]["median_ms"] for k, v in lat.items()}
     report["time_s"] = time.perf_counter() - t0

@@ -9,7 +9,6 @@ process so that a slow phase of the machine hits all of them alike; median and p
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,24 +50,9 @@ def measure_latency(
 ) -> dict[str, dict[str, float]]:
     """Median and p90 milliseconds of one ``run`` of each session, measured in
     interleaved rounds after ``warmup`` runs of each."""
-    feed = dict(feed)
-    for sess in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {
-        name: {
-            "median_ms": float(np.median(t)) * 1e3,
-            "p90_ms": float(np.percentile(t, 90)) * 1e3,
-            "runs": runs,
-        }
-        for name, t in times.items()
-    }
+    from zenith_onnx.runtime import interleaved_latency
+
+    return interleaved_latency(sessions, [feed], runs=runs, warmup=warmup)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
