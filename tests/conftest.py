@@ -17,6 +17,9 @@ README's Reliability section.
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import shutil
 
 import pytest
 from hypothesis import settings
@@ -47,3 +50,22 @@ def pytest_terminal_summary(terminalreporter):
         profile = settings.get_current_profile_name()
         items = ", ".join(f"{k} {v}" for k, v in sorted(_TALLY.items()))
         terminalreporter.write_line(f"reliability tally (hypothesis profile {profile!r}): {items}")
+
+
+@contextlib.contextmanager
+def read_only_folder(path):
+    """Create ``path`` as a folder nobody may write to and yield the command prefix that
+    makes that true for a child process (root writes anywhere: setpriv drops the
+    capability); the folder is made writable again afterwards so pytest can clean up."""
+    path.mkdir()
+    path.chmod(0o555)
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            path.chmod(0o755)
+            pytest.skip("running as root without setpriv: cannot make a folder read-only")
+        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+    try:
+        yield prefix
+    finally:
+        path.chmod(0o755)

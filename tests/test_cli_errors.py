@@ -5,8 +5,6 @@ not an error. A read-only output folder fails the same way."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import read_only_folder
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -208,14 +207,7 @@ def test_custom_domain_op_is_handled(workdir):
 
 def test_read_only_output_folder(workdir):
     folder = workdir / "readonly"
-    folder.mkdir()
-    folder.chmod(0o555)
-    prefix: tuple[str, ...] = ()
-    if os.geteuid() == 0:  # root writes anywhere; drop the capability that allows it
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot make a folder read-only")
-        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
-    try:
+    with read_only_folder(folder) as prefix:
         out = folder / "out.onnx"
         for args in (
             ["optimize", str(workdir / "good.onnx"), "-o", str(out)],
@@ -224,5 +216,3 @@ def test_read_only_output_folder(workdir):
             result = _cli(*args, prefix=prefix)
             _assert_one_line_error(result, str(out), "cannot write to folder", "Permission denied")
             assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o755)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import read_only_folder
 from onnx import TensorProto, helper, numpy_helper
 
 from test_cli_errors import BAD_MODELS
@@ -868,21 +868,12 @@ onnx_ir.save, pathlib.Path.write_text = save, write_text
 def test_read_only_output_folder_for_calibrate(model_dir):
     """(test_cli_errors covers optimize and quantize.)"""
     folder = model_dir / "readonly"
-    folder.mkdir()
-    folder.chmod(0o555)
-    prefix: tuple[str, ...] = ()
-    if os.geteuid() == 0:  # root writes anywhere; drop the capability that allows it
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot make a folder read-only")
-        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
-    try:
+    with read_only_folder(folder) as prefix:
         (result,) = _run_cli_batch(
             [(model_dir, ["calibrate", "m.onnx", "--data", "calib.npz", "-o", "readonly/r.json"])],
             prefix=prefix)
         _assert_error(result, "readonly/r.json: cannot write to folder", "Permission denied")
         assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("argv, words", [
