@@ -359,6 +359,10 @@ def quantize_file(
 
         chosen = quantize_with_fallback(model, data_hint, config, **fallback)
         report = chosen.report.pop("quantize_report", {})
+        kept = set(chosen.report.get("kept_float", ()))
+        for item in report.get("left_float", []):
+            if item["node"] in kept and item["reason"] == "excluded by the user":
+                item["reason"] = "kept float by --auto-fallback (costs the most accuracy in int8)"
         result = QuantizeResult(chosen.model, chosen.float_model, {**report, "fallback": chosen.report})
         print(chosen.format())
     else:
