@@ -82,17 +82,9 @@ MODELS = {
 
 
 def _import_torch():
-    try:
-        import torch
-        import onnxscript  # noqa: F401  (export_qat needs it: fail before training)
-    except ModuleNotFoundError as e:
-        if e.name not in ("torch", "onnxscript"):
-            raise
-        raise UsageError(
-            f"demo sine needs {e.name}: install the qat extra (pip install 'zenith-onnx[qat]', "
-            "which pins torch==2.13.0) or run `make sine`"
-        ) from None
-    return torch
+    from zenith_onnx.qat import require_qat_extra
+
+    return require_qat_extra("demo sine", " or run `make sine`")
 
 
 def run_demo(out_dir: str | Path | None = None, quick: bool = False, *, steps: int | None = None,

@@ -58,21 +58,30 @@ __all__ = [
 ]  # the torch names stay out of __all__ so `import *` works without torch
 
 
-def __getattr__(name: str):
-    module = _TORCH_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zenith_onnx.qat' has no attribute '{name}'")
+def require_qat_extra(what: str, hint: str = ""):
+    """Import torch (and onnxscript, which the export needs) or raise a `UsageError`
+    saying that ``what`` needs the qat extra (``hint`` is added). Returns torch."""
     try:
-        value = getattr(importlib.import_module(module), name)
+        import onnxscript  # noqa: F401
+        import torch
     except ModuleNotFoundError as e:
         if e.name not in ("torch", "onnxscript"):
             raise
         from zenith_onnx.errors import UsageError
 
         raise UsageError(
-            f"zenith_onnx.qat.{name} needs {e.name}: install the qat extra "
-            "(pip install 'zenith-onnx[qat]', which pins torch==2.13.0)"
+            f"{what} needs {e.name}: install the qat extra "
+            f"(pip install 'zenith-onnx[qat]', which pins torch==2.13.0){hint}"
         ) from None
+    return torch
+
+
+def __getattr__(name: str):
+    module = _TORCH_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zenith_onnx.qat' has no attribute '{name}'")
+    require_qat_extra(f"zenith_onnx.qat.{name}")
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
