@@ -27,6 +27,11 @@ def _samples(proto: onnx.ModelProto, n: int = 8, seed: int = 1) -> list[dict[str
     return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
 
 
+def _cli(*args) -> subprocess.CompletedProcess:
+    """Run ``python -m zenith_onnx ARGS`` (paths may be Path objects)."""
+    return subprocess.run([sys.executable, "-m", "zenith_onnx", *map(str, args)], capture_output=True, text=True)
+
+
 def _nodes(model: ir.Model, op: str) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == op]
 
@@ -311,11 +316,7 @@ def test_cli_quantize_end_to_end(tmp_path):
     np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 8))
     out = tmp_path / "q.onnx"
     report = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "zenith_onnx", "quantize", str(src), "-o", str(out), "--data",
-         str(tmp_path / "calib.npz"), "--report", str(report)],
-        capture_output=True, text=True,
-    )
+    proc = _cli("quantize", src, "-o", out, "--data", tmp_path / "calib.npz", "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert "QLinearConv 7" in proc.stdout and "SQNR" in proc.stdout
     assert src.read_bytes() == before
@@ -330,8 +331,7 @@ def test_cli_quantize_end_to_end(tmp_path):
 def test_insert_qdq_cannot_run_from_optimize_without_ranges(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(synthetic.conv_bn_relu_cnn(), src)
-    proc = subprocess.run([sys.executable, "-m", "zenith_onnx", "optimize", str(src), "-o", str(tmp_path / "o.onnx"),
-                           "--passes", "insert_qdq"], capture_output=True, text=True)
+    proc = _cli("optimize", src, "-o", tmp_path / "o.onnx", "--passes", "insert_qdq")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "zenith-onnx quantize" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
@@ -346,8 +346,7 @@ def test_quantize_model_with_external_data(tmp_path):
     np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 4))
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "zenith_onnx", "quantize", str(src), "-o", str(out),
-                           "--data", str(tmp_path / "calib.npz")], capture_output=True, text=True)
+    proc = _cli("quantize", src, "-o", out, "--data", tmp_path / "calib.npz")
     assert proc.returncode == 0, proc.stderr
     assert "QLinearConv 7" in proc.stdout
     feed = _samples(proto, 1, seed=3)[0]
@@ -399,10 +398,9 @@ def test_cli_calibrate_then_quantize_with_ranges(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(proto, src)
     np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 4))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "zenith_onnx", *map(str, a)], capture_output=True, text=True)
-    proc = run("calibrate", src, "--data", tmp_path / "calib.npz", "-o", tmp_path / "r.json")
+    proc = _cli("calibrate", src, "--data", tmp_path / "calib.npz", "-o", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
-    proc = run("quantize", src, "-o", tmp_path / "q.onnx", "--ranges", tmp_path / "r.json")
+    proc = _cli("quantize", src, "-o", tmp_path / "q.onnx", "--ranges", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
     assert "QLinearConv 7" in proc.stdout
     direct = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
@@ -469,8 +467,7 @@ def test_cli_auto_fallback_keeps_costly_layers_float(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(proto, src)
     np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 8))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "zenith_onnx", *map(str, a)], capture_output=True, text=True)
-    proc = run("quantize", src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "calib.npz", "--auto-fallback",
+    proc = _cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "calib.npz", "--auto-fallback",
                "--max-float-nodes", "4", "--fallback-goal-db", "60", "--report", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
     fallback = json.loads((tmp_path / "r.json").read_text())["fallback"]
@@ -478,6 +475,6 @@ def test_cli_auto_fallback_keeps_costly_layers_float(tmp_path):
     assert fallback["sqnr_db_after"] >= fallback["sqnr_db_before"]
     kept = set(fallback["kept_float"])
     assert {n.name for n in ir.load(tmp_path / "q.onnx").graph if n.name in kept}  # the nodes are still there, in float
-    proc = run("quantize", src, "-o", tmp_path / "q2.onnx", "--ranges", tmp_path / "r.json", "--auto-fallback")
+    proc = _cli("quantize", src, "-o", tmp_path / "q2.onnx", "--ranges", tmp_path / "r.json", "--auto-fallback")
     assert proc.returncode == 2 and "needs --data" in proc.stderr
     assert not (tmp_path / "q2.onnx").exists()
