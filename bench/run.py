@@ -178,7 +178,7 @@ def _data(results: dict, step: str):
 
 def render_latency(rows: list[dict], threads: str) -> str:
     lines = [
-        f"| model | float ms | onnxruntime default ms | onnxruntime best ms | zenith-onnx ms | ours/float | ours/onnxruntime default | ours/onnxruntime best | onnxruntime default/float | onnxruntime best/float |",
+        "| model | float ms | onnxruntime default ms | onnxruntime best ms | zenith-onnx ms | ours/float | ours/onnxruntime default | ours/onnxruntime best | onnxruntime default/float | onnxruntime best/float |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

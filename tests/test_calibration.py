@@ -21,7 +21,6 @@ from zenith_onnx.errors import DataError, UsageError
 from zenith_onnx.observers import DEFAULT_BINS
 from zenith_onnx.passes.observe import ObservePass
 from zenith_onnx.ranges import FORMAT, MIN_RANGE_WIDTH, Ranges, TensorRange, safe_range
-from zenith_onnx.testing import assert_outputs_close
 
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 

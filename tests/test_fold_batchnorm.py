@@ -457,7 +457,7 @@ def _branch(name: str, seed: int) -> onnx.GraphProto:
 
 def test_bn_in_if_branches_is_folded():
     b = GraphBuilder()
-    x = b.input("x", [1, C, 5, 5])
+    b.input("x", [1, C, 5, 5])
     b.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
     b.nodes.append(helper.make_node("If", ["cond"], ["y"], name="if",
                                     then_branch=_branch("then", 1), else_branch=_branch("else", 2)))
