@@ -39,7 +39,7 @@ from zenith_onnx.errors import ModelError, UsageError
 from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS, SLOW_WHEN_QUANTIZED
 
-__all__ = ["QParams", "QuantPlan", "plan_quantization", "InsertQDQPass", "FROZEN_QPARAMS"]
+__all__ = ["QParams", "QuantPlan", "plan_quantization", "float_region", "InsertQDQPass", "FROZEN_QPARAMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
     exclude = set(config.exclude)
     groups = _Groups()
     plan = QuantPlan([], groups, [], {}, set(), [])
+    region = float_region(graph)
 
     for node in graph:
         if not is_default_domain(node):
@@ -184,11 +185,16 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
             logger.debug("%s %s stays float: %s", node.op_type, node.name, reason)
             plan.left_float.append((node.name, node.op_type, reason))
             continue
-        faster = _float_is_faster(node)
+        faster = region.get(node)
         if faster:
             logger.debug("%s %s stays float: %s", node.op_type, node.name, faster)
             plan.left_float.append((node.name, node.op_type, faster))
-            if not node.outputs[0].is_graph_output():  # a Q/DQ there would only add error
+            out = node.outputs[0]
+            act = _absorbable(node, out, exclude)
+            readers = (act.outputs[0] if act is not None else out).consumers()
+            # Quantized here (absorbing a Relu/Clip) when only quantized ops read it; a graph
+            # output would only gain error, and float readers take the float tensor.
+            if not out.is_graph_output() and readers and not any(c in region for c in readers):
                 _plan_output(plan, node, rule, exclude)
             continue
         plan.compute.append(node)
@@ -241,13 +247,26 @@ def _plan_output(plan: QuantPlan, node: ir.Node, rule, exclude: set[str]) -> Non
 # float; 1-channel 3x3 7.1 vs 3.3 us, onnxruntime 1.32, AVX-512 VNNI).
 STEM_MAX_REDUCTION = 32
 
+# After such a float stem, a Conv that does at most this many multiply-adds per element it
+# reads (C_out/group x kernel area / stride area) saves less as QLinearConv than the
+# QuantizeLinear, layout Transposes and DequantizeLinear that quantizing it alone would
+# add: a depthwise 3x3 does 9, a 16 -> 16 pointwise 16, a 16 -> 64 pointwise 64.
+# Measured (onnxruntime 1.32, 1 thread): the MobileNetV2-style bench net's first block
+# (depthwise 16 channels at 32x32, pointwise 16 -> 16, residual Add) takes 34 us as
+# QLinearConv/QLinearAdd with the conversions around them and 20 us in float, where
+# onnxruntime also fuses the Add into the Conv (whole net 0.77x -> 0.70x float); on the
+# real models 16 beat 32 (orientation 0.83x vs 0.88x float, PP-OCRv3 det 0.68x vs 0.69x;
+# no region 0.86x and 0.74x).
+FLOAT_REGION_MAX_MACS = 16
 
-def _float_is_faster(node: ir.Node) -> str | None:
-    """Why this compute op should stay float for speed (its output is still quantized)."""
+# Ops that never join the float region: their integer kernels pay off on any input.
+_HEAVY_OPS = frozenset({"Gemm", "MatMul", "ConvTranspose", "Attention", "LSTM", "GRU", "RNN"})
+
+
+def _stem_is_faster_in_float(node: ir.Node) -> str | None:
+    """Why this Conv, which reads the model input, should stay float for speed."""
     if node.op_type != "Conv" or not node.inputs[0].is_graph_input():
         return None
-    if FROZEN_QPARAMS in node.inputs[1].meta:
-        return None  # trained with quantized weights (QAT): deploy what was trained
     w = constant_array(node.inputs[1])
     if w is None:
         return None
@@ -256,6 +275,56 @@ def _float_is_faster(node: ir.Node) -> str | None:
         return None
     return (f"reads the model input with {reduction} products per output; float Conv is faster "
             "than QLinearConv there (and the input stays unquantized)")
+
+
+def _macs_per_input(node: ir.Node) -> float | None:
+    """Multiply-adds per input element of a Conv with a constant weight (None otherwise)."""
+    w = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 3:
+        return None
+    group = attr_int(node, "group", 1)
+    strides = node.attributes.get("strides")
+    stride_area = int(np.prod(strides.as_ints())) if strides is not None else 1
+    return w.shape[0] * int(np.prod(w.shape[2:])) / (group * max(stride_area, 1))
+
+
+def _is_frozen(node: ir.Node) -> bool:
+    """Trained with quantization (QAT): deploy what was trained, never float for speed."""
+    values = [*node.inputs, *node.outputs]
+    return any(v is not None and FROZEN_QPARAMS in v.meta for v in values)
+
+
+def float_region(graph: ir.Graph) -> dict[ir.Node, str]:
+    """Early nodes that run faster in float, with the reason for each.
+
+    Seeds are stem Convs (`STEM_MAX_REDUCTION`); a node joins when every tensor it reads
+    (constants aside) comes from the region and it is light: not a matmul-like op, and a
+    Conv only with at most `FLOAT_REGION_MAX_MACS` multiply-adds per element read.
+    Quantizing such a node alone would add Q, DQ and layout conversions that cost more
+    than its integer kernel saves.
+    """
+    region: dict[ir.Node, str] = {}
+    for node in graph:  # topological order
+        if not is_default_domain(node) or _is_frozen(node):
+            continue
+        why = _stem_is_faster_in_float(node)
+        if why:
+            region[node] = why
+            continue
+        if not region or node.op_type in _HEAVY_OPS:
+            continue
+        reads = [v for v in node.inputs if v is not None and constant_array(v) is None]
+        if not reads or not all(v.producer() in region for v in reads):
+            continue
+        if node.op_type == "Conv":
+            macs = _macs_per_input(node)
+            if macs is None or macs > FLOAT_REGION_MAX_MACS:
+                continue
+            region[node] = (f"reads only float early layers and does {macs:g} multiply-adds per element read; "
+                            "float is faster than quantizing it alone")
+        else:
+            region[node] = "reads only float early layers; float is faster than quantizing it alone"
+    return region
 
 
 def _check_exclude_matches(graph: ir.Graph, exclude: set[str]) -> None:

@@ -281,6 +281,49 @@ def test_transformer_matmuls_and_adds_fused():
     assert ops.get("com.microsoft::QLinearSoftmax", 0) == 1
 
 
+def test_light_early_layers_after_a_float_stem_stay_float():
+    """MobileNetV2's first block (depthwise 16 ch, pointwise 16 -> 16, residual Add) reads only
+    the float stem: it stays float with no Q/DQ inside; the 16 -> 64 expansion after it is
+    quantized and the rest of the net fuses as before."""
+    proto = synthetic.mobilenet_v2()
+    result = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0)
+    early = [f for f in result.report["left_float"] if "early layers" in f["reason"]]
+    assert [f["op"] for f in early] == ["Conv", "Conv", "Add"]
+    assert "16 multiply-adds" in early[1]["reason"]
+    model = result.model
+    convs = _nodes(model, "Conv")
+    stem, dw, pw, expand = convs[:4]
+    for conv in (stem, dw, pw):
+        assert conv.inputs[1].dtype == ir.DataType.FLOAT
+        assert conv.inputs[0].producer() is None or conv.inputs[0].producer().op_type != "DequantizeLinear"
+    add = _nodes(model, "Add")[0]
+    assert add.outputs[0].consumers()[0].op_type == "QuantizeLinear"  # first quantized tensor
+    assert expand.inputs[1].producer().op_type == "DequantizeLinear"  # int8 weight
+    fused = _fused(model)
+    assert fused["integer_ops"].get("QLinearConv", 0) == 16
+    assert fused["integer_ops"].get("com.microsoft::QLinearAdd", 0) == 2
+    assert not fused["float_ops_fed_by_dq"]
+
+
+def test_a_depthwise_conv_after_quantized_layers_is_quantized():
+    """The float region grows only from a float stem: a heavy stem (8 input channels) is
+    quantized, and so is the light depthwise Conv after it."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "w")
+    dw = numpy_helper.from_array((rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32), "dw")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "dw"], ["y"], name="dw", pads=[1, 1, 1, 1], group=16)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], [w, dw])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    result = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0)
+    assert result.report["left_float"] == []
+    assert result.report["quantized_ops"]["Conv"] == 2
+
+
 # ------------------------------------------------------------------ already quantized input
 
 
@@ -427,7 +470,7 @@ def test_ranges_given_as_a_mapping_are_validated(bad, message):
 def test_several_inputs_and_outputs_and_ops_without_integer_kernels():
     rng = np.random.default_rng(0)
     w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), f"w{len(s)}_{rng.integers(1e9)}")
-    wa, wb = w(4, 3, 3, 3), w(4, 3, 3, 3)
+    wa, wb = w(4, 8, 3, 3), w(4, 8, 3, 3)  # 8 input channels: not a stem that stays float
     nodes = [
         helper.make_node("Conv", ["a", wa.name], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["b", wb.name], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
@@ -438,13 +481,13 @@ def test_several_inputs_and_outputs_and_ops_without_integer_kernels():
     ]
     graph = helper.make_graph(
         nodes, "two_in_two_out",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 3, 8, 8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 8, 8, 8]) for n in ("a", "b")],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("prod", "side")],
         [wa, wb],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
-    samples = [{n: rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for n in ("a", "b")} for _ in range(6)]
+    samples = [{n: rng.standard_normal((1, 8, 8, 8)).astype(np.float32) for n in ("a", "b")} for _ in range(6)]
     result = quantize(_ir(proto), samples, report_samples=4)
     model = result.model
     assert [o.name for o in model.graph.outputs] == ["prod", "side"]
@@ -455,7 +498,7 @@ def test_several_inputs_and_outputs_and_ops_without_integer_kernels():
     assert result.report["quantized_ops"]["Add"] == 1 and result.report["quantized_ops"]["Mul"] == 1
     outputs = result.report["accuracy"]["outputs"]
     assert set(outputs) == {"prod", "side"} and all(o["sqnr_db"] > 25 for o in outputs.values())
-    feed = {n: rng.standard_normal((3, 3, 8, 8)).astype(np.float32) for n in ("a", "b")}  # dynamic batch
+    feed = {n: rng.standard_normal((3, 8, 8, 8)).astype(np.float32) for n in ("a", "b")}  # dynamic batch
     got = runtime.run(runtime.session(model), feed)
     assert got["prod"].shape == (3, 4, 8, 8) and got["side"].shape == (3, 4, 8, 8)
 

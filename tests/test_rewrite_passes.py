@@ -252,7 +252,8 @@ def _mobilenet_block(opset: int, hard_ops: bool) -> onnx.ModelProto:
     hard-sigmoid, Mul) -> Conv, as in MobileNetV3 / PP-LCNet."""
     b = GraphBuilder(seed=3)
     x = b.input("x", [1, C, 8, 8])
-    y = b.conv(x, C, 8, "c1", kernel=(1, 1))
+    # c0 (36 products per output) is no stem that insert_qdq keeps float for speed
+    y = b.conv(b.conv(x, C, C, "c0", pads=[1, 1, 1, 1]), C, 8, "c1", kernel=(1, 1))
     y = b.node("HardSwish", [y], "a1") if hard_ops else _written_hardswish(b, y, "a1")
     y = b.conv(y, 8, 8, "dw", group=8, pads=[1, 1, 1, 1])
     y = b.node("HardSwish", [y], "a2") if hard_ops else _written_hardswish(b, y, "a2")
@@ -277,8 +278,7 @@ def test_prepared_models_quantize_into_integer_kernels_only(opset, hard_ops):
     assert plain_fed and set(plain_fed) <= {"Div", "HardSigmoid", "Mul"}
     counts = fused_counts(prepared.model)
     assert counts["float_ops_fed_by_dq"] == {}  # everything between Q and DQ runs on integers
-    # c1 reads the model input and stays float (insert_qdq's choice); the "+ 3" of the
-    # gate went into se2's bias; the 1/6 of a1 and of the gate went into dw and c2; a2's
-    # stays a QLinearMul (a GlobalAveragePool reads it too).
-    assert counts["QLinearConv"] == 4 and counts["QLinearAdd"] == 2 and counts["QLinearMul"] == 4
+    # the "+ 3" of the gate went into se2's bias; the 1/6 of a1 and of the gate went into dw
+    # and c2; a2's stays a QLinearMul (a GlobalAveragePool reads it too).
+    assert counts["QLinearConv"] == 6 and counts["QLinearAdd"] == 2 and counts["QLinearMul"] == 4
     assert "Div" not in counts and "HardSigmoid" not in counts
