@@ -37,7 +37,7 @@ __all__ = ["main"]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STEPS = ("models", "tool", "calib", "fold")
+STEPS = ("models", "tool", "calib", "fold", "weight4")
 EXTRA_STEPS = ("zoo",)  # run only when asked: `--steps zoo` (real models from published wheels, minutes)
 CNNS = {"cnn8", "cnn8_res", "mobilenet_v2", "digits_cnn"}
 FLOAT_TARGET = 0.7  # ours/float on CNNs
@@ -146,13 +146,20 @@ def step_fold(bench: Bench) -> list[dict]:
     return rows
 
 
+def step_weight4(bench: Bench) -> list[dict]:
+    from bench import weight4
+
+    return weight4.run(weight4.QUICK_SHAPES if bench.args.quick else weight4.SHAPES, log=bench.log)
+
+
 def step_zoo(bench: Bench) -> list[dict]:
     from bench import zoo
 
     return zoo.run(runs=10 if bench.args.quick else zoo.DEFAULT_RUNS, log=bench.log)
 
 
-STEP_FUNCTIONS = {"models": step_models, "tool": step_tool, "calib": step_calib, "fold": step_fold, "zoo": step_zoo}
+STEP_FUNCTIONS = {"models": step_models, "tool": step_tool, "calib": step_calib, "fold": step_fold,
+                  "weight4": step_weight4, "zoo": step_zoo}
 
 
 # ------------------------------------------------------------------ rendering
@@ -494,6 +501,15 @@ def render(results: dict, out: Path) -> str:
                   "`bench/fold_scale.py`: load + optimize (lift_constants, fold_batchnorm, cleanup) + save on "
                   "Conv-BN-Relu chains, in this process.", ""]
         parts += [render_fold(fold["data"]) if "data" in fold else f"FAILED: {fold.get('error')}", ""]
+    weight4 = results["steps"].get("weight4")
+    if weight4:
+        from bench import weight4 as weight4_bench
+
+        parts += ["## 4-bit MatMul weights: MatMulNBits or int8 container", "",
+                  "`bench/weight4.py`: one MatMul quantized with `--weight-bits 4` in both forms (MatMulNBits with "
+                  "int4 blocks of 32 and int8 compute; 4-bit values in an int8 container), 1 thread, interleaved "
+                  "rounds, median. quantize uses MatMulNBits only for one-row inputs.", ""]
+        parts += [weight4_bench.render(weight4["data"]) if "data" in weight4 else f"FAILED: {weight4.get('error')}", ""]
     zoo = results["steps"].get("zoo")
     if zoo:
         from bench import zoo as zoo_bench

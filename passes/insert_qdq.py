@@ -35,6 +35,7 @@ import onnx_ir as ir
 from zenith_onnx import kernels
 from zenith_onnx.passes._graph import attr_int, constant_array, is_default_domain, make_initializer
 from zenith_onnx.passes.registry import register
+from zenith_onnx.passes.matmul_nbits import nbits_is_faster, replace_with_nbits
 from zenith_onnx.errors import ModelError, UsageError
 from zenith_onnx.qconfig import QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS, SLOW_WHEN_QUANTIZED
@@ -118,6 +119,8 @@ class QuantPlan:
     range_source: dict[ir.Value, ir.Value]
     min0: set[ir.Value]
     left_float: list[tuple[str, str, str]]
+    # 4-bit MatMuls that become MatMulNBits (float input, no Q/DQ around them)
+    nbits: list[ir.Node] = dataclasses.field(default_factory=list)
 
     def observe_names(self) -> list[str]:
         """Names of the tensors whose ranges calibration must observe."""
@@ -164,7 +167,10 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
     exclude = set(config.exclude)
     groups = _Groups()
     plan = QuantPlan([], groups, [], {}, set(), [])
-    region = float_region(graph)
+    nbits = {}
+    if config.weight_bits == 4:
+        nbits = {n: why for n in graph if not _is_frozen(n) and (why := nbits_is_faster(n))}
+    region = float_region(graph, nbits)
 
     for node in graph:
         if not is_default_domain(node):
@@ -184,6 +190,10 @@ def plan_quantization(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if reason:
             logger.debug("%s %s stays float: %s", node.op_type, node.name, reason)
             plan.left_float.append((node.name, node.op_type, reason))
+            continue
+        if node in nbits:
+            logger.debug("MatMul %s becomes MatMulNBits: %s", node.name, nbits[node])
+            plan.nbits.append(node)
             continue
         faster = region.get(node)
         if faster:
@@ -294,10 +304,11 @@ def _is_frozen(node: ir.Node) -> bool:
     return any(v is not None and FROZEN_QPARAMS in v.meta for v in values)
 
 
-def float_region(graph: ir.Graph) -> dict[ir.Node, str]:
-    """Early nodes that run faster in float, with the reason for each.
+def float_region(graph: ir.Graph, seeds: Mapping[ir.Node, str] | None = None) -> dict[ir.Node, str]:
+    """Nodes that run faster in float (or read float), with the reason for each.
 
-    Seeds are stem Convs (`STEM_MAX_REDUCTION`); a node joins when every tensor it reads
+    Seeds are stem Convs (`STEM_MAX_REDUCTION`) and the given ``seeds`` (MatMulNBits,
+    which read and write float); a node joins when every tensor it reads
     (constants aside) comes from the region and it is light: not a matmul-like op, and a
     Conv only with at most `FLOAT_REGION_MAX_MACS` multiply-adds per element read.
     Quantizing such a node alone would add Q, DQ and layout conversions that cost more
@@ -307,7 +318,7 @@ def float_region(graph: ir.Graph) -> dict[ir.Node, str]:
     for node in graph:  # topological order
         if not is_default_domain(node) or _is_frozen(node):
             continue
-        why = _stem_is_faster_in_float(node)
+        why = (seeds or {}).get(node) or _stem_is_faster_in_float(node)
         if why:
             region[node] = why
             continue
@@ -320,10 +331,10 @@ def float_region(graph: ir.Graph) -> dict[ir.Node, str]:
             macs = _macs_per_input(node)
             if macs is None or macs > FLOAT_REGION_MAX_MACS:
                 continue
-            region[node] = (f"reads only float early layers and does {macs:g} multiply-adds per element read; "
+            region[node] = (f"reads only float layers and does {macs:g} multiply-adds per element read; "
                             "float is faster than quantizing it alone")
         else:
-            region[node] = "reads only float early layers; float is faster than quantizing it alone"
+            region[node] = "reads only float layers; float is faster than quantizing it alone"
     return region
 
 
@@ -459,16 +470,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 self.tensor_map[float_names[v]] = dq_name
             inserted += 1
 
+        for node in plan.nbits:
+            replace_with_nbits(model, node)
+
         counts: dict[str, int] = {}
         for n in quantized_nodes:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
+        if plan.nbits:
+            counts["MatMulNBits"] = len(plan.nbits)
         self.report = {
             "quantized_ops": counts,
             "quantized_tensors": inserted,
             "absorbed_activations": removed_acts,
             "left_float": [{"node": n, "op": op, "reason": r} for n, op, r in plan.left_float],
         }
-        return ir.passes.PassResult(model, modified=bool(inserted or removed_acts))
+        return ir.passes.PassResult(model, modified=bool(inserted or removed_acts or plan.nbits))
 
     @staticmethod
     def _fully_quantized(node: ir.Node, params: Mapping[ir.Value, QParams]) -> bool:
