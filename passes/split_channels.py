@@ -81,7 +81,12 @@ def channel_groups(peaks: np.ndarray, ratio: float = RATIO, max_groups: int = MA
             end = start + 1
             while end < len(order) and peaks[order[end]] * ratio >= peaks[order[start]]:
                 end += 1
-            end = min(len(order), start + -(-(end - start) // align) * align)
+            size = -(-(end - start) // align) * align
+            if start + size >= len(order) > end:
+                # Rounding up would swallow the small channels: leave the last `align`
+                # (and any remainder) to them.
+                size = max(align, (len(order) - start - 1) // align * align)
+            end = min(len(order), start + size)
         groups.append(np.sort(order[start:end]))
         start = end
     return groups

@@ -174,3 +174,25 @@ def test_a_round_that_does_not_raise_the_sqnr_is_undone():
     assert [x["accepted"] for x in r["rounds"]] == [False, True]
     assert r["rounds"][0]["added"][0]["name"] == "decoy"
     assert sorted(r["kept_float"]) == ["Conv_b", "Conv_c"] and r["goal_met"]
+
+
+def test_fallback_keeps_float_by_noise_removed_per_node():
+    """Greedy by noise per node newly kept float: two one-node units before a three-node
+    unit that removes more noise in all; once their nodes are float, the big unit costs
+    one node more and fits too (the budget is three nodes)."""
+    from zenith_onnx.sensitivity import Sensitivity
+
+    units = [
+        Sensitivity("activation", "t", "Conv", 0.0, ("Conv_a", "Conv_b", "Conv_c")),  # noise 1.0, 3 nodes
+        Sensitivity("constants", "Conv_c", "Conv", 1.0, ("Conv_c",)),  # noise 0.79, 1 node
+        Sensitivity("constants", "Conv_a", "Conv", 2.0, ("Conv_a",)),  # noise 0.63, 1 node
+    ]
+    data = _data()
+    result = quantize_with_fallback(_model(), data, goal_sqnr_db=200.0, max_float_nodes=3, max_rounds=1,
+                                    latency_runs=0, sensitivity=units)
+    (first,) = result.report["rounds"]
+    assert [u["name"] for u in first["added"]] == ["Conv_c", "Conv_a", "t"]
+    assert first["float_nodes"] == 3
+    tight = quantize_with_fallback(_model(), data, goal_sqnr_db=200.0, max_float_nodes=2, max_rounds=1,
+                                   latency_runs=0, sensitivity=units)
+    assert [u["name"] for u in tight.report["rounds"][0]["added"]] == ["Conv_c", "Conv_a"]

@@ -81,10 +81,13 @@ def _split(model: ir.Model) -> SplitChannelsPass:
 def test_channel_groups_cut_at_the_ratio_and_round_to_the_alignment():
     peaks = np.r_[np.full(20, 100.0), np.full(30, 5.0), np.full(14, 0.1)]
     groups = channel_groups(peaks, ratio=16.0, max_groups=3, align=16)
-    # 20 big channels rounded up to 32 (12 of the 5.0 ones join), then 18 x 5.0 + 14 x 0.1.
-    assert [len(g) for g in groups] == [32, 32]
-    assert set(range(20)) <= set(groups[0]) and set(range(50, 64)) <= set(groups[1])
+    # 20 big channels rounded up to 32 (12 of the 5.0 ones join); rounding the next 18 x
+    # 5.0 up would swallow the 0.1 ones: 16 of them, then 2 x 5.0 + 14 x 0.1.
+    assert [len(g) for g in groups] == [32, 16, 16]
+    assert set(range(20)) <= set(groups[0]) and set(range(50, 64)) <= set(groups[2])
     assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(64))
+    # 250 channels within the ratio: 240 of them, the last 16 take the 6 small ones.
+    assert [len(g) for g in channel_groups(np.r_[np.full(250, 9.0), np.full(6, 0.1)])] == [240, 16]
     # Two groups at most: the rest goes to the last one; within the ratio: one group.
     assert [len(g) for g in channel_groups(peaks, ratio=16.0, max_groups=2, align=1)] == [20, 44]
     assert len(channel_groups(np.full(32, 3.0), ratio=16.0, max_groups=2, align=16)) == 1

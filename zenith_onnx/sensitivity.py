@@ -16,7 +16,11 @@ unit's tensor: its producer and its consumers, looking through ops that share th
 tensor's scale (Reshape, MaxPool, ...) and absorbed Relu/Clip. Excluding only one side
 is not enough: onnxruntime turns ``DQ -> float Conv -> Q`` back into QLinearConv by
 itself (it quantizes the float weight), so the tensor must lose its Q/DQ pair. Units are
-added until the estimated output SQNR reaches the goal or the node budget is spent; the
+added greedily by noise removed per compute node newly kept float (a unit whose nodes are
+already float comes free; on PP-OCRv3 det with 80 nodes: 23.2 dB output SQNR on the
+calibration samples instead of 20.7 dB when taken worst first, mask IoU on the evaluation
+images 0.932 instead of 0.913) until the estimated output SQNR reaches the goal or the
+node budget is spent; the
 model is then re-quantized and measured at ``ORT_ENABLE_ALL`` (what deploys), and more
 units are added while the goal is missed. The report names the nodes kept float, the
 SQNR before and after, and the latency of float, int8 and fallback models (1 thread,
@@ -342,17 +346,19 @@ def quantize_with_fallback(
         ratio = 10.0 ** (-current_sqnr / 10.0) / left if left > 0 else 1.0
         added: list[Sensitivity] = []
         trial = list(kept)
-        for u in candidates:
-            if u in chosen or u in rejected:
-                continue
-            new = [n for n in u.keep_float if n not in trial and n not in config.exclude]
-            if len(trial) + len(new) > max_float_nodes:
-                continue
-            added.append(u)
-            trial.extend(new)
-            left -= u.noise
-            if left * ratio <= goal_noise:
+        pool = [u for u in candidates if u not in chosen and u not in rejected]
+        while pool and left * ratio > goal_noise:
+            # Greedy by noise removed per node newly kept float: a unit whose nodes are
+            # already float comes free, one that needs three nodes must remove thrice the noise.
+            costs = {u: [n for n in u.keep_float if n not in trial and n not in config.exclude] for u in pool}
+            pool = [u for u in pool if len(trial) + len(costs[u]) <= max_float_nodes]
+            if not pool:
                 break
+            u = max(pool, key=lambda v: v.noise / max(len(costs[v]), 1))
+            pool.remove(u)
+            added.append(u)
+            trial.extend(costs[u])
+            left -= u.noise
         if not added:
             break
         exclude = tuple(dict.fromkeys([*config.exclude, *trial]))
