@@ -1,11 +1,10 @@
 """split_channels: Conv -> activation -> depthwise Conv chains cut into channel groups of
 similar range, each with its own 8-bit scale.
 
-The model: x -> Conv_a (3x3) -> Relu -> Conv_b (1x1) -> hard-swish written as
-b * HardSigmoid(b) -> t -> Conv_c (3x3 depthwise) -> y. Channels 0-15 of ``t`` are 200x
-larger than channels 16-31 and Conv_c scales them back, so every output channel has the
-same size: one uint8 scale for ``t`` leaves the small half ~1 step (the zoo models'
-pattern before depthwise convs, 50x and more). Float folding tolerance: 1e-5 relative
+The model (chain_models.py): x -> Conv_a (3x3) -> Relu -> Conv_b (1x1) -> hard-swish
+written as b * HardSigmoid(b) -> t -> Conv_c (3x3 depthwise) -> y, channels 0-15 of ``t``
+200x larger than channels 16-31 (the zoo models' pattern before depthwise convs, 50x and
+more). Float folding tolerance: 1e-5 relative
 (the split computes the same sums per channel; only the order of channels in memory
 changes).
 """
@@ -15,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from chain_models import chain_feeds, chain_model
 
 from zenith_onnx import runtime
 from zenith_onnx.fusion import fused_counts
@@ -37,35 +36,10 @@ BIG = 200.0
 
 
 def _model(extra_reader: bool = False, big: float = BIG) -> ir.Model:
-    rng = np.random.default_rng(0)
-    wa = rng.standard_normal((C, 4, 3, 3)).astype(np.float32) * 0.25
-    wb = rng.standard_normal((C, C, 1, 1)).astype(np.float32) * 0.2
-    wb[: C // 2] *= big
-    wc = rng.standard_normal((C, 1, 3, 3)).astype(np.float32) * 0.3
-    wc[: C // 2] /= big
-    bias = np.linspace(-0.1, 0.1, C).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in [(wa, "wa"), (wb, "wb"), (wc, "wc"), (bias, "ba"), (bias, "bb"), (bias, "bc")]]
-    nodes = [
-        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="Conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["a_relu"], name="Relu_a"),
-        helper.make_node("Conv", ["a_relu", "wb", "bb"], ["b"], name="Conv_b", kernel_shape=[1, 1]),
-        helper.make_node("HardSigmoid", ["b"], ["gate"], name="HardSigmoid_b", alpha=1 / 6, beta=0.5),
-        helper.make_node("Mul", ["b", "gate"], ["t"], name="Mul_b"),
-        helper.make_node("Conv", ["t", "wc", "bc"], ["y"], name="Conv_c", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=C),
-    ]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 8, 8])]
-    if extra_reader:
-        nodes.append(helper.make_node("ReduceMax", ["t"], ["t_max"], name="Peek", keepdims=0))
-        outputs.append(helper.make_tensor_value_info("t_max", TensorProto.FLOAT, []))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return ir.serde.deserialize_model(proto)
+    return chain_model(C, "hardswish_written", big, extra_reader)
 
 
-def _feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
-    x = np.random.default_rng(1).standard_normal((count, 1, 4, 8, 8)).astype(np.float32)
-    return [{"x": v} for v in x]
+_feeds = chain_feeds
 
 
 def _split(model: ir.Model) -> SplitChannelsPass:

@@ -108,12 +108,14 @@ def quantize(
             f"kept the existing quantization of {strip.report['frozen_activations']} activation(s) and "
             f"{strip.report['frozen_weights']} weight(s) (model already carried Q/DQ)"
         )
-    split = []
+    equalized, split = [], []
     if split_channels and rewrite and data is not None:
         if reads_once(data):
             notes.append("channel splitting skipped: the calibration data can be read only once (give a list or an .npz)")
         else:
-            split = _split_channels(model, data)
+            equalized, split = _split_channels(model, data)
+    if equalized:
+        notes.append(f"equalized the channel ranges of {len(equalized)} Conv -> Relu -> depthwise Conv chain(s)")
     if split:
         notes.append(f"split {len(split)} Conv -> activation -> depthwise Conv chain(s) into channel groups of "
                      f"similar range ({sum(len(s['groups']) for s in split)} groups): one activation scale each")
@@ -179,18 +181,24 @@ def reads_once(data) -> bool:
         return False
 
 
-def _split_channels(model: ir.Model, data) -> list[dict]:
-    """Fold BatchNorm, then split the Conv -> activation -> depthwise Conv chains whose
-    depthwise input one 8-bit scale serves badly (`zenith_onnx.passes.split_channels`)."""
+def _split_channels(model: ir.Model, data) -> tuple[list[dict], list[dict]]:
+    """Fold BatchNorm, then equalize the Conv -> Relu -> depthwise Conv chains
+    (`zenith_onnx.passes.equalize_channels`) and split the others whose depthwise input
+    one 8-bit scale serves badly (`zenith_onnx.passes.split_channels`)."""
+    from zenith_onnx.passes.equalize_channels import EqualizeChannelsPass, homogeneous
     from zenith_onnx.passes.split_channels import SplitChannelsPass, channel_stats, find_chains
 
     _fold_only(model)
     chains = find_chains(model)
     if not chains:
-        return []
-    split = SplitChannelsPass(channel_stats(model, [c.observe for c in chains], _feeds(data, model, SPLIT_SAMPLES)))
+        return [], []
+    stats = channel_stats(model, [c.observe for c in chains], _feeds(data, model, SPLIT_SAMPLES))
+    equalize = EqualizeChannelsPass(stats)
+    equalize(model)
+    # A Relu chain is equalized (exact, free); the others (hard-swish) may be split.
+    split = SplitChannelsPass({c.observe: stats[c.observe] for c in chains if not homogeneous(c)})
     split(model)
-    return split.report
+    return equalize.report, split.report
 
 
 def prepare_for_quantization(model: ir.Model) -> tuple[ir.Model, list[str]]:
