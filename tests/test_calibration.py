@@ -141,8 +141,14 @@ def test_minmax_equals_numpy_on_every_tensor_and_model_is_unchanged():
     ranges = calibrate(model, samples, method="minmax")
     assert runtime.model_bytes(model) == before
     direct = _all_activations(proto, CNN_TENSORS, samples)
+    # The reference runs at ORT_DISABLE_ALL, calibration at ORT_ENABLE_ALL: onnxruntime
+    # picks other convolution kernels there (another summation order), so the activations
+    # agree within float32 rounding of the sums, not bit for bit. The observer itself is
+    # exact (test_observers); the input, which onnxruntime does not compute, is too.
+    assert ranges.tensors["x"] == TensorRange(float(direct["x"].min()), float(direct["x"].max()))
     for name in CNN_TENSORS:
-        assert ranges.tensors[name] == TensorRange(float(direct[name].min()), float(direct[name].max())), name
+        r = ranges.tensors[name]
+        np.testing.assert_allclose([r.min, r.max], [direct[name].min(), direct[name].max()], rtol=1e-6, err_msg=name)
     assert ranges.method == "minmax"
 
 

@@ -1,15 +1,19 @@
 """Calibration: observe activation ranges on sample data, one batch at a time.
 
 `calibrate` copies the model, runs the ``observe`` pass on the copy (the tensors to
-observe become graph outputs), runs the copy in onnxruntime at ``ORT_DISABLE_ALL`` (the
-activations of the unoptimized float graph, names intact) and feeds each returned
-activation to its observer before dropping it. Memory holds at most two batches of
+observe become graph outputs), runs the copy in onnxruntime at ``ORT_ENABLE_ALL`` and
+feeds each returned activation to its observer before dropping it. An observed tensor
+is a graph output, so onnxruntime keeps it, under its name: no fusion removes it, and
+its values are those of the optimized graph, which the quantized model's float parts
+run too; they differ from an ``ORT_DISABLE_ALL`` run by float rounding only (other
+kernels, e.g. blocked-layout convolutions), and the run takes half the time. Memory holds at most two batches of
 activations plus a fixed-size state per tensor (see `zenith_onnx.observers`), whatever
 the number of samples.
 
 Time: onnxruntime runs the next batch in a worker thread while this thread bins the
 previous one (onnxruntime releases the GIL; its intra-op thread count is ``threads``).
-Tensors whose values follow from another observed tensor are not fetched nor binned:
+Tensors whose values follow from another observed tensor are not fetched nor binned,
+nor made graph outputs (each output blocks a fusion or costs a layout conversion):
 outputs of Reshape/Flatten/Squeeze/Unsqueeze/Transpose/Identity hold the same values as
 their input, and a Relu output's state is derived from its input's (`Observer.relu`).
 
@@ -134,6 +138,18 @@ class _Observation:
         self.observers: dict[str, Observer] = {n: make_observer() for n in self.names if n not in self.derived}
         self._producers = {v.name: node for node in graph for v in node.outputs if v.name in self.observers}
 
+    def root(self, name: str) -> str:
+        """The tensor whose observer ``name``'s state follows from (``name`` itself for a root)."""
+        return self.derived.get(name, (name, False))[0]
+
+    def drop(self, names: Sequence[str]) -> None:
+        """Stop observing ``names`` (with a root, drop the tensors derived from it too)."""
+        gone = set(names)
+        self.names = [n for n in self.names if n not in gone]
+        for name in gone:
+            self.derived.pop(name, None)
+            self.observers.pop(name, None)
+
     def observer(self, name: str) -> Observer:
         root, relu = self.derived.get(name, (name, False))
         return self.observers[root].relu() if relu else self.observers[root]
@@ -235,16 +251,22 @@ def _calibrate(
         observed = model.clone()
         plan = ObservePass(tensors)
         plan(observed)
-        session = runtime.session(observed, "disable_all", threads=threads)
-        types = {o.name: o.type for o in session.get_outputs()}
-        outputs = [n for n in plan.outputs if tensors is not None or types.get(n) in _FLOAT_ORT_TYPES]
-        dropped = len(plan.outputs) - len(outputs)
-        if dropped:
-            logger.debug("%d tensors of unknown type turned out not to be float; not observed", dropped)
         observation = _Observation(
-            observed.graph, [*outputs, *plan.inputs, *plan.constants],
+            observed.graph, [*plan.outputs, *plan.inputs, *plan.constants],
             lambda: observer_for(method, percentile=percentile, bits=activation_bits),
         )
+        model_outputs = {v.name for v in model.graph.outputs}
+        for value in [v for v in observed.graph.outputs if v.name in observation.derived]:
+            if value.name not in model_outputs:
+                observed.graph.outputs.remove(value)
+        session = runtime.session(observed, "all", threads=threads)
+        if tensors is None:
+            # A derived tensor has its root's type (Relu and the reshaping ops keep it).
+            types = {v.name: v.type for v in (*session.get_inputs(), *session.get_outputs())}
+            dropped = [n for n in plan.outputs if types.get(observation.root(n)) not in _FLOAT_ORT_TYPES]
+            if dropped:
+                logger.debug("%d tensors of unknown type turned out not to be float; not observed", len(dropped))
+                observation.drop(dropped)
         roots = observation.observers
         if plan.constants:
             graph = observed.graph
@@ -252,7 +274,7 @@ def _calibrate(
             for name in plan.constants:
                 if name in roots:
                     observation.feed(name, _constant_array(values[name]), None)
-        fetch = [n for n in outputs if n in roots]
+        fetch = [n for n in plan.outputs if n in roots]
         logger.info("observing %d tensors: %d fetched from onnxruntime, %d derived from others",
                     len(observation.names), len(fetch), len(observation.derived))
         inputs = [n for n in plan.inputs if n in roots]
