@@ -7,17 +7,26 @@ subprocess, started by a wrapper process whose only child it is, so
 ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` in the wrapper is exactly that run's
 peak RSS (DESIGN.md, Measuring). Compared:
 
-- zenith-onnx `calibrate` with every method (1 intra-op thread);
+- zenith-onnx `calibrate` with every method (onnxruntime at 1 intra-op thread; this
+  thread bins the previous sample's activations meanwhile, so it uses up to two cores);
 - onnxruntime's `create_calibrator` with MinMax, Entropy, Percentile (its defaults; it
   keeps its own session options, i.e. onnxruntime's default thread count);
 - plain onnxruntime inference of the float model over the same samples, 1 thread, at
-  ``ORT_DISABLE_ALL`` (the level calibration must run at) and ``ORT_ENABLE_ALL``.
+  ``ORT_ENABLE_ALL`` (what a user runs: the baseline of the time ratios) and
+  ``ORT_DISABLE_ALL``. Its time counts the session creation too, as calibration's does.
+
+Every time includes making the samples (about 0.1 ms each), on both sides. Besides wall
+time, the CPU time of the process (all threads) is reported: the wall ratio is what a
+user waits on a machine with a free second core, the CPU ratio what it costs when the
+cores are busy.
 
     python bench/calib_memory.py            # 32 / 128 / 512 samples
     python bench/calib_memory.py --quick    # 16 / 64 samples
 
-The machine may be shared: plain and zenith runs are repeated (``repeats``) and keep
-the shortest time and the highest peak RSS; onnxruntime's calibrators run once.
+The machine may be shared: plain and zenith runs are repeated (``repeats``) in
+alternating rounds (every job once per round, so a burst of load hits all of them
+alike) and keep the shortest time, the smallest CPU time and the highest peak RSS;
+onnxruntime's calibrators run once.
 """
 
 from __future__ import annotations
@@ -106,9 +115,10 @@ def _child(tool: str, method: str, count: int, model_path: str) -> dict:
         from zenith_onnx.calibration import calibrate
 
         model = ir.load(model_path)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ranges = calibrate(model, samples(count), method=method, progress=False)
-        return {"seconds": time.perf_counter() - start, "tensors": len(ranges.tensors)}
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                "tensors": len(ranges.tensors)}
     if tool == "onnxruntime":
         from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
@@ -131,11 +141,11 @@ def _child(tool: str, method: str, count: int, model_path: str) -> dict:
     if tool == "plain":
         from zenith_onnx import runtime
 
+        start, cpu = time.perf_counter(), time.process_time()
         session = runtime.session(model_path, method, threads=1)
-        start = time.perf_counter()
         for feed in samples(count):
             session.run(None, feed)
-        return {"seconds": time.perf_counter() - start}
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
     raise ValueError(tool)
 
 
@@ -166,8 +176,11 @@ def _wrap(tool: str, method: str, count: int, model_path: str) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 3) -> list[dict]:
-    """Measure every (tool, method, sample count); print a table; return the rows."""
+def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 5) -> list[dict]:
+    """Measure every (tool, method, sample count); print a table; return the rows.
+
+    zenith rows carry ``ratio_all`` / ``ratio_disable_all`` (time over plain inference
+    at ORT_ENABLE_ALL / ORT_DISABLE_ALL on the same samples) and ``cpu_ratio_all``."""
     if quick:
         sample_counts, repeats = (16, 64), 1
     rows = []
@@ -175,18 +188,37 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 3) -> 
         model_path = str(Path(tmp) / "cnn.onnx")
         per_sample = build_model(model_path)
         print(f"model: {per_sample / 2**20:.2f} MB of activations per sample; samples {list(sample_counts)}")
-        jobs = [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS] + [("onnxruntime", m) for m in ORTS]
+        repeated = [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS]
         for count in sample_counts:
-            for tool, method in jobs:
-                runs = [_measure(tool, method, count, model_path)
-                        for _ in range(1 if tool == "onnxruntime" else repeats)]
-                result = {**runs[0], "seconds": min(r["seconds"] for r in runs),
-                          "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+            runs: dict[tuple[str, str], list[dict]] = {job: [] for job in repeated}
+            for _ in range(repeats):
+                for job in repeated:
+                    runs[job].append(_measure(*job, count, model_path))
+            for method in ORTS:
+                runs["onnxruntime", method] = [_measure("onnxruntime", method, count, model_path)]
+            for (tool, method), got in runs.items():
+                result = {**got[0], "seconds": min(r["seconds"] for r in got),
+                          "peak_rss_mb": max(r["peak_rss_mb"] for r in got)}
+                if "cpu_seconds" in result:
+                    result["cpu_seconds"] = min(r["cpu_seconds"] for r in got)
                 rows.append({"tool": tool, "method": method, "samples": count, **result})
-                print(f"  {tool:<12} {method:<12} {count:>5} samples: {result['peak_rss_mb']:8.1f} MB "
-                      f"{result['seconds']:8.2f} s", flush=True)
+            _add_ratios(rows, count)
+            for row in rows[-len(runs):]:
+                print(f"  {row['tool']:<12} {row['method']:<15} {count:>5} samples: {row['peak_rss_mb']:8.1f} MB "
+                      f"{row['seconds']:8.3f} s" + (f"  {row['ratio_all']:5.2f}x plain" if "ratio_all" in row else ""),
+                      flush=True)
     _print_table(rows, sample_counts)
     return rows
+
+
+def _add_ratios(rows: list[dict], count: int) -> None:
+    at = [r for r in rows if r["samples"] == count]
+    plain = {r["method"]: r for r in at if r["tool"] == "plain"}
+    for r in at:
+        if r["tool"] == "zenith":
+            r["ratio_all"] = r["seconds"] / plain["all"]["seconds"]
+            r["ratio_disable_all"] = r["seconds"] / plain["disable_all"]["seconds"]
+            r["cpu_ratio_all"] = r["cpu_seconds"] / plain["all"]["cpu_seconds"]
 
 
 def _print_table(rows: list[dict], counts) -> None:
@@ -195,20 +227,21 @@ def _print_table(rows: list[dict], counts) -> None:
 
     first, last = counts[0], counts[-1]
     head = "".join(f"{f'RSS@{c} MB':>12}" for c in counts)
-    print(f"\n{'tool':<12}{'method':<16}{head}{f'RSS x{last}/{first}':>14}"
-          + "".join(f"{f't@{c} s':>10}" for c in counts) + f"{'t / plain':>20}")
-    for tool, method in sorted({(r["tool"], r["method"]) for r in rows}, key=lambda k: ("pzo".index(k[0][0]), k[1])):
+    print(f"\n{'tool':<12}{'method':<16}{head}{f'RSS x{last}/{first}':>14}" + "".join(f"{f't@{c} s':>10}" for c in counts))
+    keys = sorted({(r["tool"], r["method"]) for r in rows}, key=lambda k: ("pzo".index(k[0][0]), k[1]))
+    for tool, method in keys:
         rss = [find(tool, method, c)["peak_rss_mb"] for c in counts]
         secs = [find(tool, method, c)["seconds"] for c in counts]
-        ratio = ""
-        if tool != "plain":
-            d = secs[-1] / find("plain", "disable_all", last)["seconds"]
-            a = secs[-1] / find("plain", "all", last)["seconds"]
-            ratio = f"{d:.2f} / {a:.2f}"
         print(f"{tool:<12}{method:<16}" + "".join(f"{v:12.1f}" for v in rss) + f"{rss[-1] / rss[0]:14.2f}"
-              + "".join(f"{v:10.2f}" for v in secs) + f"{ratio:>20}")
-    print(f"(t / plain: time at {last} samples over plain inference at ORT_DISABLE_ALL / ORT_ENABLE_ALL, "
-          "both 1 thread for zenith; onnxruntime's calibrators use its default thread count)")
+              + "".join(f"{v:10.3f}" for v in secs))
+    labels = {"ratio_all": "wall", "cpu_ratio_all": "cpu", "ratio_disable_all": "wall-D"}
+    columns = [(key, c) for key in labels for c in counts]
+    print(f"\n{'zenith / plain':<28}" + "".join(f"{f'{labels[key]}@{c}':>11}" for key, c in columns))
+    for tool, method in keys:
+        if tool == "zenith":
+            print(f"{tool:<12}{method:<16}" + "".join(f"{find(tool, method, c)[key]:11.2f}" for key, c in columns))
+    print("(wall, cpu: wall / CPU time over plain inference at ORT_ENABLE_ALL, 1 intra-op thread; wall-D: wall time "
+          "over plain inference at ORT_DISABLE_ALL; onnxruntime's calibrators use its default thread count)")
 
 
 def main(argv=None) -> int:
