@@ -208,13 +208,17 @@ def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Obser
 def _finish(observation: _Observation, method: str) -> Ranges:
     ranges = Ranges(method)
     never, constant = [], []
+    found: dict[tuple[str, bool], tuple[float, float]] = {}  # tensors in one state share a search
     for name in observation.names:
         observer = observation.observer(name)
         if observer.count == 0:
             never.append(name)
             lo = hi = 0.0
         else:
-            lo, hi = observer.compute_range()
+            state = observation.derived.get(name, (name, False))
+            if state not in found:
+                found[state] = observer.compute_range()
+            lo, hi = found[state]
         ranges.tensors[name], widened = safe_range(lo, hi)
         if widened and observer.count:
             constant.append(name)

@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -391,6 +393,25 @@ class PercentileObserver(HistogramObserver):
         return self._clamp(_quantile(h.counts, origin, h.width, 1.0 - q), _quantile(h.counts, origin, h.width, q))
 
 
+def _entropy_blocks(n: int, levels: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(candidates, group bounds)`` per block of the KL search over ``n`` bins."""
+    for block in range(levels, n + 1, _ENTROPY_BLOCK):
+        cand, bounds = _entropy_block(block, levels)
+        rows = min(_ENTROPY_BLOCK, n + 1 - block)
+        yield cand[:rows], bounds[:rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _entropy_block(block: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates ``block ..`` and their group bounds ``ceil(g i / levels)``, which do
+    not depend on the histogram: every tensor reuses them (256 KB per block of 128
+    levels; 2048 bins make 4 blocks)."""
+    cand = np.arange(block, block + _ENTROPY_BLOCK)
+    bounds = (cand[:, None] * np.arange(levels + 1)[None, :] + (levels - 1)) >> (levels.bit_length() - 1)
+    cand.flags.writeable = bounds.flags.writeable = False
+    return cand, bounds
+
+
 def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     """TensorRT's KL search over the ``|x|`` histogram ``h``: how many bins to keep
     (threshold ``i w``), or None when there are no more bins than levels. ``levels``
@@ -398,18 +419,14 @@ def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     n = h.size
     if n <= levels:
         return None
-    shift = levels.bit_length() - 1
     h = h.astype(np.float64)
     total = h.sum()
     hlogh = h * np.log(np.maximum(h, 1.0))
     cum = np.concatenate(([0.0], np.cumsum(h)))
     cum_nonzero = np.concatenate(([0.0], np.cumsum(h > 0)))
     cum_hlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
-    groups = np.arange(levels + 1)
     best_i, best_kl = n, math.inf
-    for block in range(levels, n + 1, _ENTROPY_BLOCK):
-        cand = np.arange(block, min(block + _ENTROPY_BLOCK, n + 1))
-        bounds = (cand[:, None] * groups[None, :] + (levels - 1)) >> shift  # ceil(g i / L)
+    for cand, bounds in _entropy_blocks(n, levels):
         s = np.diff(np.take(cum, bounds), axis=1)
         ratio = np.maximum(s, 1.0)  # s = 0 (then nz = 0) contributes 0 * log 1
         ratio /= np.maximum(np.diff(np.take(cum_nonzero, bounds), axis=1), 1.0)
