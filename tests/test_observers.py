@@ -191,6 +191,16 @@ def test_entropy_search_equals_direct_kl_loop(seed):
     assert _entropy_threshold_bins(h, levels) == _kl_direct(h, levels)
 
 
+def test_entropy_search_over_several_blocks_equals_direct_kl_loop():
+    # Over 512 candidates: several blocks of the search, the last one cut short; the
+    # cached bounds of a larger histogram serve the smaller one.
+    rng = np.random.default_rng(7)
+    data = np.abs(rng.standard_t(3, 50_000))
+    for bins in (1100, 700):
+        h, _ = np.histogram(data, bins=bins)
+        assert _entropy_threshold_bins(h, 16) == _kl_direct(h, 16), bins
+
+
 def test_entropy_clips_huge_outliers():
     obs = EntropyObserver(bits=8)
     for b in _gaussian_with_outliers():

@@ -55,6 +55,7 @@ import copy
 import functools
 import logging
 import math
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,6 +86,7 @@ ENTROPY_BINS = 2048
 _ENTROPY_BLOCK = 512
 # q (in counts) given to an empty last bin that receives clipped mass in the KL search.
 _EMPTY_BIN_Q = 1e-4
+_ENTROPY_WORK = threading.local()
 
 
 class NonFiniteValuesError(ValueError):
@@ -412,6 +414,18 @@ def _entropy_block(block: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
     return cand, bounds
 
 
+def _entropy_work(levels: int) -> tuple[np.ndarray, ...]:
+    """Work arrays of the KL search (one block), kept per thread and level count (4 MB
+    for 256 levels). Fresh arrays per search cost a page fault per 4 KB touched
+    whenever malloc has handed the megabytes back to the system, which depends on the
+    heap's history; in a calibration run it doubled the search time."""
+    arrays = _ENTROPY_WORK.__dict__.setdefault("by_levels", {})
+    if levels not in arrays:
+        arrays[levels] = (np.empty((_ENTROPY_BLOCK, levels + 1)),
+                          *(np.empty((_ENTROPY_BLOCK, levels)) for _ in range(3)))
+    return arrays[levels]
+
+
 def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     """TensorRT's KL search over the ``|x|`` histogram ``h``: how many bins to keep
     (threshold ``i w``), or None when there are no more bins than levels. ``levels``
@@ -426,10 +440,16 @@ def _entropy_threshold_bins(h: np.ndarray, levels: int) -> int | None:
     cum_nonzero = np.concatenate(([0.0], np.cumsum(h > 0)))
     cum_hlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
     best_i, best_kl = n, math.inf
+    work_taken, work_s, work_nz, work_ratio = _entropy_work(levels)
     for cand, bounds in _entropy_blocks(n, levels):
-        s = np.diff(np.take(cum, bounds), axis=1)
-        ratio = np.maximum(s, 1.0)  # s = 0 (then nz = 0) contributes 0 * log 1
-        ratio /= np.maximum(np.diff(np.take(cum_nonzero, bounds), axis=1), 1.0)
+        rows = cand.size
+        taken, s, nz, ratio = work_taken[:rows], work_s[:rows], work_nz[:rows], work_ratio[:rows]
+        np.take(cum, bounds, out=taken, mode="clip")  # in range; "raise" copies via a temporary
+        np.subtract(taken[:, 1:], taken[:, :-1], out=s)
+        np.take(cum_nonzero, bounds, out=taken, mode="clip")
+        np.subtract(taken[:, 1:], taken[:, :-1], out=nz)
+        np.maximum(s, 1.0, out=ratio)  # s = 0 (then nz = 0) contributes 0 * log 1
+        ratio /= np.maximum(nz, 1.0, out=nz)
         np.log(ratio, out=ratio)
         # sum over groups of sum_{j in g} h_j log h_j is the prefix sum up to i
         terms = cum_hlogh[cand] - np.einsum("ij,ij->i", s, ratio)
