@@ -333,7 +333,7 @@ def test_observer_for():
         PercentileObserver(20.0)
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_relu_derivation_matches_observing_the_relu_output(method):
     batches = _widening_batches(11)
     derived_from = observer_for(method, percentile=99.0)
@@ -346,7 +346,7 @@ def test_relu_derivation_matches_observing_the_relu_output(method):
     assert derived.count == direct.count == relu_data.size
     assert (derived.min, derived.max) == (direct.min, direct.max) == (0.0, float(relu_data.max()))
     lo, hi = derived.compute_range()
-    if method == "minmax":
+    if method in ("minmax", "moving_average"):
         assert (lo, hi) == direct.compute_range()
     elif method == "percentile":
         assert abs(lo - np.percentile(relu_data, 1.0)) <= derived.bin_width
@@ -355,6 +355,21 @@ def test_relu_derivation_matches_observing_the_relu_output(method):
         d_lo, d_hi = direct.compute_range()
         assert lo == d_lo == 0.0 and abs(hi - d_hi) <= 0.05 * d_hi
     assert derived_from.compute_range()[0] < 0  # the source is untouched
+
+
+def test_moving_average_relu_is_exact_when_batches_sit_on_either_side_of_zero():
+    # Batches wholly above 0, wholly below and across: clamped extremes differ from the
+    # clamped averages on both ends, so a clamp of the averages would fail here.
+    rng = np.random.default_rng(5)
+    batches = [(rng.standard_normal(100) * 0.1 + shift).astype(np.float32) for shift in (-1.0, 0.5, 2.0, -3.0, 0.0, 1.0)]
+    source, direct = MovingAverageMinMaxObserver(0.3), MovingAverageMinMaxObserver(0.3)
+    for b in batches:
+        source.observe(b)
+        direct.observe(np.maximum(b, 0))
+    derived = source.relu()
+    assert derived.compute_range() == direct.compute_range()
+    assert derived.compute_range() != tuple(max(v, 0.0) for v in source.compute_range())
+    assert derived.relu().compute_range() == direct.compute_range()
 
 
 def test_relu_histogram_is_exact():
@@ -377,7 +392,6 @@ def test_relu_of_negative_and_constant_data():
     point = observer_for("mse")
     point.observe(np.full(10, -3.0, np.float32))
     assert point.relu().compute_range() == (0.0, 0.0) and point.relu().count == 10
-    assert observer_for("moving_average").relu() is None
 
 
 def test_entropy_is_not_pulled_down_by_the_zeros_of_a_relu():

@@ -97,10 +97,10 @@ def _progress_bar(total: int | None, enabled: bool | None):
 _SAME_VALUES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
 
 
-def _derivations(graph: ir.Graph, names: Sequence[str], relu_ok: bool) -> dict[str, tuple[str, bool]]:
+def _derivations(graph: ir.Graph, names: Sequence[str]) -> dict[str, tuple[str, bool]]:
     """Observed tensors whose observer state follows exactly from another observed
     tensor's: ``name -> (root, through a Relu)``. A `_SAME_VALUES` op keeps the multiset
-    of values; ``Relu(x) = max(x, 0)`` is derived by `Observer.relu` (when ``relu_ok``).
+    of values; ``Relu(x) = max(x, 0)`` is derived by `Observer.relu`.
     Those tensors are neither fetched from onnxruntime nor binned."""
     wanted = set(names)
     step: dict[str, tuple[str, bool]] = {}
@@ -108,7 +108,7 @@ def _derivations(graph: ir.Graph, names: Sequence[str], relu_ok: bool) -> dict[s
         if not is_default_domain(node) or not node.inputs or node.inputs[0] is None:
             continue
         relu = node.op_type == "Relu"
-        if not (relu and relu_ok or node.op_type in _SAME_VALUES):
+        if not (relu or node.op_type in _SAME_VALUES):
             continue
         source, output = node.inputs[0].name, node.outputs[0].name
         if source in wanted and output in wanted:
@@ -134,7 +134,7 @@ class _Observation:
 
     def __init__(self, graph: ir.Graph, names: Sequence[str], make_observer):
         self.names = list(names)
-        self.derived = _derivations(graph, self.names, relu_ok=make_observer().relu() is not None)
+        self.derived = _derivations(graph, self.names)
         self.observers: dict[str, Observer] = {n: make_observer() for n in self.names if n not in self.derived}
         self._producers = {v.name: node for node in graph for v in node.outputs if v.name in self.observers}
 

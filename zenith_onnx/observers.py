@@ -42,7 +42,8 @@ Methods (``compute_range``):
 All histogram results are clamped to the observed ``[min, max]``.
 
 `Observer.relu` derives the state of ``max(x, 0)`` from the state of ``x`` (exact for the
-histogram: 0 is an edge, the negative mass moves to the bin ``[0, w)``), so calibration
+histogram: 0 is an edge, the negative mass moves to the bin ``[0, w)``; moving_average
+keeps the averages of the batch extremes clamped at 0 beside its own), so calibration
 need not bin a ReLU output whose input it already bins. The derived histogram keeps the
 input's bin width; the entropy threshold, which moves with the bin width, then differs
 from a direct observation about as much as it does between two growth histories.
@@ -129,9 +130,9 @@ class Observer(abc.ABC):
         if self.count == 0:
             raise ValueError(f"{type(self).__name__}: no data observed")
 
-    def relu(self) -> Observer | None:
+    def relu(self) -> Observer:
         """An observer in the state this one would have after observing ``max(x, 0)``
-        of every batch instead of ``x`` (None when the state cannot be derived)."""
+        of every batch instead of ``x``."""
         derived = copy.copy(self)
         derived.min, derived.max = max(self.min, 0.0), max(self.max, 0.0)
         return derived
@@ -155,21 +156,31 @@ class MovingAverageMinMaxObserver(Observer):
         self.averaging_constant = averaging_constant
         self.avg_min: float | None = None
         self.avg_max: float | None = None
+        # The averages ``max(x, 0)`` would have: batch extremes clamped at 0 (`relu`).
+        self.relu_avg_min: float | None = None
+        self.relu_avg_max: float | None = None
 
     def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        relu_lo, relu_hi = max(lo, 0.0), max(hi, 0.0)
         if self.avg_min is None:
             self.avg_min, self.avg_max = lo, hi
+            self.relu_avg_min, self.relu_avg_max = relu_lo, relu_hi
             return
         c = self.averaging_constant
         self.avg_min += c * (lo - self.avg_min)
         self.avg_max += c * (hi - self.avg_max)
+        self.relu_avg_min += c * (relu_lo - self.relu_avg_min)
+        self.relu_avg_max += c * (relu_hi - self.relu_avg_max)
 
     def compute_range(self) -> tuple[float, float]:
         self._require_data()
         return float(self.avg_min), float(self.avg_max)
 
-    def relu(self) -> None:
-        return None  # an average of clamped batch minima is not the clamped average
+    def relu(self) -> MovingAverageMinMaxObserver:
+        # An average of clamped batch extremes is not the clamped average: kept apart.
+        derived = super().relu()
+        derived.avg_min, derived.avg_max = self.relu_avg_min, self.relu_avg_max
+        return derived
 
 
 class StreamingHistogram:
