@@ -2,13 +2,15 @@
 
 `calibrate` copies the model, runs the ``observe`` pass on the copy (the tensors to
 observe become graph outputs), runs the copy in onnxruntime at ``ORT_ENABLE_ALL`` and
-feeds each returned activation to its observer before dropping it. An observed tensor
-is a graph output, so onnxruntime keeps it, under its name: no fusion removes it, and
-its values are those of the optimized graph, which the quantized model's float parts
-run too; they differ from an ``ORT_DISABLE_ALL`` run by float rounding only (other
-kernels, e.g. blocked-layout convolutions), and the run takes half the time. Memory holds at most two batches of
-activations plus a fixed-size state per tensor (see `zenith_onnx.observers`), whatever
-the number of samples.
+feeds each returned activation to its observer before dropping it. Memory holds at most
+two batches of activations plus a fixed-size state per tensor (see
+`zenith_onnx.observers`), whatever the number of samples.
+
+Why ``ORT_ENABLE_ALL``: an observed tensor is a graph output, so onnxruntime keeps it
+under its name (no fusion removes it), and its values are those of the optimized graph,
+which the float parts of the quantized model run too. They differ from an
+``ORT_DISABLE_ALL`` run by float rounding only (other kernels, e.g. blocked-layout
+convolutions), and the run takes about half the time.
 
 Time: onnxruntime runs the next batch in a worker thread while this thread bins the
 previous one (onnxruntime releases the GIL; its intra-op thread count is ``threads``).
@@ -138,20 +140,21 @@ class _Observation:
         self.observers: dict[str, Observer] = {n: make_observer() for n in self.names if n not in self.derived}
         self._producers = {v.name: node for node in graph for v in node.outputs if v.name in self.observers}
 
-    def root(self, name: str) -> str:
-        """The tensor whose observer ``name``'s state follows from (``name`` itself for a root)."""
-        return self.derived.get(name, (name, False))[0]
+    def state(self, name: str) -> tuple[str, bool]:
+        """``(root, through a Relu)``: whose observer ``name``'s state follows from."""
+        return self.derived.get(name, (name, False))
 
     def drop(self, names: Sequence[str]) -> None:
-        """Stop observing ``names`` (with a root, drop the tensors derived from it too)."""
+        """Stop observing ``names`` and the tensors derived from them."""
         gone = set(names)
+        gone.update(n for n, (root, _) in self.derived.items() if root in gone)
         self.names = [n for n in self.names if n not in gone]
         for name in gone:
             self.derived.pop(name, None)
             self.observers.pop(name, None)
 
     def observer(self, name: str) -> Observer:
-        root, relu = self.derived.get(name, (name, False))
+        root, relu = self.state(name)
         return self.observers[root].relu() if relu else self.observers[root]
 
     def feed(self, name: str, array: np.ndarray, span: tuple[int, int] | None) -> None:
@@ -215,7 +218,7 @@ def _finish(observation: _Observation, method: str) -> Ranges:
             never.append(name)
             lo = hi = 0.0
         else:
-            state = observation.derived.get(name, (name, False))
+            state = observation.state(name)
             if state not in found:
                 found[state] = observer.compute_range()
             lo, hi = found[state]
@@ -267,7 +270,7 @@ def _calibrate(
         if tensors is None:
             # A derived tensor has its root's type (Relu and the reshaping ops keep it).
             types = {v.name: v.type for v in (*session.get_inputs(), *session.get_outputs())}
-            dropped = [n for n in plan.outputs if types.get(observation.root(n)) not in _FLOAT_ORT_TYPES]
+            dropped = [n for n in plan.outputs if types.get(observation.state(n)[0]) not in _FLOAT_ORT_TYPES]
             if dropped:
                 logger.debug("%d tensors of unknown type turned out not to be float; not observed", len(dropped))
                 observation.drop(dropped)
