@@ -13,7 +13,8 @@ which the float parts of the quantized model run too. They differ from an
 convolutions), and the run takes about half the time.
 
 Time: onnxruntime runs the next batch in a worker thread while this thread bins the
-previous one (onnxruntime releases the GIL; its intra-op thread count is ``threads``).
+previous one (onnxruntime releases the GIL; its intra-op thread count is ``threads``);
+reading the batches goes to the thread with less to do (`_run_observed`).
 Tensors whose values follow from another observed tensor are not fetched nor binned,
 nor made graph outputs (each output blocks a fusion or costs a layout conversion):
 outputs of Reshape/Flatten/Squeeze/Unsqueeze/Transpose/Identity hold the same values as
@@ -43,7 +44,7 @@ import onnxruntime as ort
 from zenith_onnx import runtime
 from zenith_onnx.calibration_data import Feeds, as_feeds
 from zenith_onnx.errors import DataError, UsageError
-from zenith_onnx.observers import NonFiniteValuesError, Observer, observer_for
+from zenith_onnx.observers import HistogramObserver, NonFiniteValuesError, Observer, observer_for
 from zenith_onnx.passes._graph import is_default_domain
 from zenith_onnx.passes.observe import ObservePass
 from zenith_onnx.qconfig import CALIBRATION_METHODS
@@ -176,35 +177,57 @@ class _Observation:
 def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Observation, inputs: list[str], progress):
     """Run every feed and observe the results; returns the number of samples.
 
-    onnxruntime runs the next feed in a worker thread (it releases the GIL) while this
+    A worker thread runs onnxruntime on the next feed (it releases the GIL) while this
     thread bins the activations of the previous one, so observing overlaps inference;
-    at most two batches of activations are alive at a time.
+    at most two batches of activations are alive at a time. Reading the next feed goes
+    to the thread with less to do: the worker when the observers keep histograms
+    (binning costs about as much as inference of a small network), this thread when
+    they only track extremes.
     """
     samples = 0
+    batches = iter(feeds)
+    read_in_worker = any(isinstance(o, HistogramObserver) for o in observation.observers.values())
 
-    def observe(future, span, feed) -> None:
-        nonlocal samples
+    def run(feed, span):  # in the worker; reads the next feed itself when given none
+        if feed is None:
+            feed = next(batches, None)
+            if feed is None:
+                return None
+            span = feeds.span
         try:
-            values = future.result()
+            return feed, span, session.run(outputs, feed)
         except _ORT_RUN_ERRORS as e:
             message = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
             raise DataError(f"onnxruntime failed on calibration samples {span[0]}..{span[1] - 1}: {message}") from None
-        for name, value in zip(outputs, values):
-            observation.feed(name, value, span)
-        for name in inputs:
-            observation.feed(name, feed[name], span)
-        samples += span[1] - span[0]
-        advance(span[1] - span[0])
+
+    def submit():
+        if read_in_worker:
+            return worker.submit(run, None, None)
+        feed = next(batches, None)
+        return None if feed is None else worker.submit(run, feed, feeds.span)
 
     with _progress_bar(feeds.count, progress) as advance, ThreadPoolExecutor(1, "zenith-calibrate") as worker:
-        previous = None
-        for feed in feeds:
-            current = (worker.submit(session.run, outputs, feed), feeds.span, feed)
-            if previous is not None:
-                observe(*previous)
-            previous = current
-        if previous is not None:
-            observe(*previous)
+        pending = submit()
+        while pending is not None:
+            # Queued before waiting, so the worker goes on without waiting for this thread.
+            following = submit()
+            try:
+                done = pending.result()
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                raise
+            if done is None:
+                break
+            feed, span, values = done
+            for name, value in zip(outputs, values):
+                observation.feed(name, value, span)
+            for name in inputs:
+                observation.feed(name, feed[name], span)
+            del done, feed, values  # before the next batch is queued: two batches at most
+            samples += span[1] - span[0]
+            advance(span[1] - span[0])
+            pending = following
     return samples
 
 
