@@ -237,11 +237,13 @@ def test_multi_input_model():
         assert ranges.tensors[name] == TensorRange(float(direct[name].min()), float(direct[name].max()))
 
 
-def test_onnxruntime_failure_names_the_samples():
+@pytest.mark.parametrize("method", ["minmax", "percentile"])  # feeds read by this thread / the worker
+def test_onnxruntime_failure_names_the_samples(method):
     samples = [{"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)},
-               {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 3), np.float32)}]  # symbolic dims pass
+               {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 3), np.float32)},  # symbolic dims pass
+               {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)}]
     with pytest.raises(DataError, match="onnxruntime failed on calibration samples 1..1: .*add_node"):
-        calibrate(_ir(_two_input_proto("M")), samples)
+        calibrate(_ir(_two_input_proto("M")), samples, method=method)
 
 
 def test_data_sources_give_the_same_ranges(tmp_path):
@@ -305,6 +307,14 @@ def test_nan_activation_names_tensor_and_node():
     with pytest.raises(DataError, match=r"activation 'root' \(output of node 'sqrt_node', Sqrt\) has NaN values "
                                         r"in sample 1;"):
         calibrate(_ir(proto), samples)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])  # feeds read by this thread / the worker
+def test_bad_data_error_reaches_the_caller_from_either_thread(method):
+    x = np.zeros((3, 3, 8, 8), np.float32)
+    x[2, 0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="input 'x' has NaN values in sample 2"):
+        calibrate(_ir(_cnn_proto()), {"x": x}, method=method)
 
 
 def test_subgraph_tensors_are_skipped_with_a_warning(caplog):
