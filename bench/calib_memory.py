@@ -24,9 +24,10 @@ cores are busy.
     python bench/calib_memory.py --quick    # 16 / 64 samples
 
 The machine may be shared: plain and zenith runs are repeated (``repeats``) in
-alternating rounds (every job once per round, so a burst of load hits all of them
-alike) and keep the shortest time, the smallest CPU time and the highest peak RSS;
-onnxruntime's calibrators run once.
+rounds that run every (tool, method, sample count) once, so a burst of load hits all
+of them alike and each has ``repeats`` chances spread over the whole bench; each keeps
+its shortest time, smallest CPU time and highest peak RSS. onnxruntime's calibrators
+run once.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def _wrap(tool: str, method: str, count: int, model_path: str) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 5) -> list[dict]:
+def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> list[dict]:
     """Measure every (tool, method, sample count); print a table; return the rows.
 
     zenith rows carry ``ratio_all`` / ``ratio_disable_all`` (time over plain inference
@@ -188,25 +189,24 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 5) -> 
         model_path = str(Path(tmp) / "cnn.onnx")
         per_sample = build_model(model_path)
         print(f"model: {per_sample / 2**20:.2f} MB of activations per sample; samples {list(sample_counts)}")
-        repeated = [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS]
+        jobs = [(tool, method, count) for count in sample_counts
+                for tool, method in [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS]]
+        runs: dict[tuple[str, str, int], list[dict]] = {job: [] for job in jobs}
+        for round_ in range(repeats):  # every job once per round: a burst of load hits them alike
+            for job in jobs:
+                runs[job].append(_measure(*job, model_path))
+            print(f"  round {round_ + 1}/{repeats} done", flush=True)
         for count in sample_counts:
-            runs: dict[tuple[str, str], list[dict]] = {job: [] for job in repeated}
-            for _ in range(repeats):
-                for job in repeated:
-                    runs[job].append(_measure(*job, count, model_path))
             for method in ORTS:
-                runs["onnxruntime", method] = [_measure("onnxruntime", method, count, model_path)]
-            for (tool, method), got in runs.items():
-                result = {**got[0], "seconds": min(r["seconds"] for r in got),
-                          "peak_rss_mb": max(r["peak_rss_mb"] for r in got)}
-                if "cpu_seconds" in result:
-                    result["cpu_seconds"] = min(r["cpu_seconds"] for r in got)
-                rows.append({"tool": tool, "method": method, "samples": count, **result})
-            _add_ratios(rows, count)
-            for row in rows[-len(runs):]:
-                print(f"  {row['tool']:<12} {row['method']:<15} {count:>5} samples: {row['peak_rss_mb']:8.1f} MB "
-                      f"{row['seconds']:8.3f} s" + (f"  {row['ratio_all']:5.2f}x plain" if "ratio_all" in row else ""),
-                      flush=True)
+                runs["onnxruntime", method, count] = [_measure("onnxruntime", method, count, model_path)]
+        for (tool, method, count), got in runs.items():
+            result = {**got[0], "seconds": min(r["seconds"] for r in got),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in got)}
+            if "cpu_seconds" in result:
+                result["cpu_seconds"] = min(r["cpu_seconds"] for r in got)
+            rows.append({"tool": tool, "method": method, "samples": count, **result})
+    for count in sample_counts:
+        _add_ratios(rows, count)
     _print_table(rows, sample_counts)
     return rows
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 and 64 samples")
     parser.add_argument("--samples", type=int, nargs="+", default=[32, 128, 512])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per plain/zenith measurement")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per plain/zenith measurement")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", nargs=4, metavar=("TOOL", "METHOD", "N", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--wrap", nargs=4, metavar=("TOOL", "METHOD", "N", "MODEL"), help=argparse.SUPPRESS)
