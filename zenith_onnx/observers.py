@@ -87,6 +87,7 @@ ENTROPY_BINS = 2048
 _ENTROPY_BLOCK = 512
 # q (in counts) given to an empty last bin that receives clipped mass in the KL search.
 _EMPTY_BIN_Q = 1e-4
+# Per-thread work arrays of the KL search (`_entropy_work`).
 _ENTROPY_WORK = threading.local()
 
 
@@ -414,11 +415,11 @@ def _entropy_blocks(n: int, levels: int) -> Iterator[tuple[np.ndarray, np.ndarra
         yield cand[:rows], bounds[:rows]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # 2048 bins: 4 blocks for each of the two level counts of a bit width
 def _entropy_block(block: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates ``block ..`` and their group bounds ``ceil(g i / levels)``, which do
-    not depend on the histogram: every tensor reuses them (256 KB per block of 128
-    levels; 2048 bins make 4 blocks)."""
+    """Candidates ``block ..`` and their group bounds ``ceil(g i / levels)`` (levels a
+    power of two), which do not depend on the histogram: every tensor reuses them
+    (0.5 MB per block of 128 levels, 1 MB of 256)."""
     cand = np.arange(block, block + _ENTROPY_BLOCK)
     bounds = (cand[:, None] * np.arange(levels + 1)[None, :] + (levels - 1)) >> (levels.bit_length() - 1)
     cand.flags.writeable = bounds.flags.writeable = False
@@ -430,7 +431,9 @@ def _entropy_work(levels: int) -> tuple[np.ndarray, ...]:
     for 256 levels). Fresh arrays per search cost a page fault per 4 KB touched
     whenever malloc has handed the megabytes back to the system, which depends on the
     heap's history; in a calibration run it doubled the search time."""
-    arrays = _ENTROPY_WORK.__dict__.setdefault("by_levels", {})
+    arrays = getattr(_ENTROPY_WORK, "by_levels", None)
+    if arrays is None:
+        arrays = _ENTROPY_WORK.by_levels = {}
     if levels not in arrays:
         arrays[levels] = (np.empty((_ENTROPY_BLOCK, levels + 1)),
                           *(np.empty((_ENTROPY_BLOCK, levels)) for _ in range(3)))
