@@ -181,7 +181,8 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
     """Measure every (tool, method, sample count); print a table; return the rows.
 
     zenith rows carry ``ratio_all`` / ``ratio_disable_all`` (time over plain inference
-    at ORT_ENABLE_ALL / ORT_DISABLE_ALL on the same samples) and ``cpu_ratio_all``."""
+    at ORT_ENABLE_ALL / ORT_DISABLE_ALL on the same samples), ``cpu_ratio_all`` and, at
+    the largest count, ``per_sample_ratio_all``."""
     if quick:
         sample_counts, repeats = (16, 64), 1
     rows = []
@@ -207,6 +208,7 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
             rows.append({"tool": tool, "method": method, "samples": count, **result})
     for count in sample_counts:
         _add_ratios(rows, count)
+    _add_per_sample_ratios(rows, sample_counts)
     _print_table(rows, sample_counts)
     return rows
 
@@ -219,6 +221,20 @@ def _add_ratios(rows: list[dict], count: int) -> None:
             r["ratio_all"] = r["seconds"] / plain["all"]["seconds"]
             r["ratio_disable_all"] = r["seconds"] / plain["disable_all"]["seconds"]
             r["cpu_ratio_all"] = r["cpu_seconds"] / plain["all"]["cpu_seconds"]
+
+
+def _add_per_sample_ratios(rows: list[dict], counts) -> None:
+    """``per_sample_ratio_all`` on the zenith rows of the largest count: the time each
+    further sample adds, between the two largest counts, over plain inference's (the
+    one-off costs, sessions and the entropy search, cancel out)."""
+    if len(counts) < 2:
+        return
+    find = {(r["tool"], r["method"], r["samples"]): r for r in rows}
+    before, last = sorted(counts)[-2:]
+    plain = find["plain", "all", last]["seconds"] - find["plain", "all", before]["seconds"]
+    for method in OURS:
+        row = find["zenith", method, last]
+        row["per_sample_ratio_all"] = (row["seconds"] - find["zenith", method, before]["seconds"]) / plain
 
 
 def _print_table(rows: list[dict], counts) -> None:
@@ -236,12 +252,16 @@ def _print_table(rows: list[dict], counts) -> None:
               + "".join(f"{v:10.3f}" for v in secs))
     labels = {"ratio_all": "wall", "cpu_ratio_all": "cpu", "ratio_disable_all": "wall-D"}
     columns = [(key, c) for key in labels for c in counts]
-    print(f"\n{'zenith / plain':<28}" + "".join(f"{f'{labels[key]}@{c}':>11}" for key, c in columns))
+    marginal = "per_sample_ratio_all" in find("zenith", OURS[0], last)
+    print(f"\n{'zenith / plain':<28}" + "".join(f"{f'{labels[key]}@{c}':>11}" for key, c in columns)
+          + (f"{'per-sample':>12}" if marginal else ""))
     for tool, method in keys:
         if tool == "zenith":
-            print(f"{tool:<12}{method:<16}" + "".join(f"{find(tool, method, c)[key]:11.2f}" for key, c in columns))
+            print(f"{tool:<12}{method:<16}" + "".join(f"{find(tool, method, c)[key]:11.2f}" for key, c in columns)
+                  + (f"{find(tool, method, last)['per_sample_ratio_all']:12.2f}" if marginal else ""))
     print("(wall, cpu: wall / CPU time over plain inference at ORT_ENABLE_ALL, 1 intra-op thread; wall-D: wall time "
-          "over plain inference at ORT_DISABLE_ALL; onnxruntime's calibrators use its default thread count)")
+          "over plain inference at ORT_DISABLE_ALL; per-sample: wall time a further sample adds between the two "
+          "largest counts, over plain inference's; onnxruntime's calibrators use its default thread count)")
 
 
 def main(argv=None) -> int:
