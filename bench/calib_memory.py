@@ -196,7 +196,9 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
         for round_ in range(repeats):  # every job once per round: a burst of load hits them alike
             for job in jobs:
                 runs[job].append(_measure(*job, model_path))
-            print(f"  round {round_ + 1}/{repeats} done", flush=True)
+            # Other work on the machine takes the core the binning thread would use.
+            print(f"  round {round_ + 1}/{repeats} done; load average (1 min) {os.getloadavg()[0]:.2f} "
+                  f"on {os.cpu_count()} cores", flush=True)
         for count in sample_counts:
             for method in ORTS:
                 runs["onnxruntime", method, count] = [_measure("onnxruntime", method, count, model_path)]
