@@ -15,10 +15,11 @@ peak RSS (DESIGN.md, Measuring). Compared:
   ``ORT_ENABLE_ALL`` (what a user runs: the baseline of the time ratios) and
   ``ORT_DISABLE_ALL``. Its time counts the session creation too, as calibration's does.
 
-Every time includes making the samples (about 0.1 ms each), on both sides. Besides wall
-time, the CPU time of the process (all threads) is reported: the wall ratio is what a
-user waits on a machine with a free second core, the CPU ratio what it costs when the
-cores are busy.
+Every time includes making the samples (about 0.1 ms each, a third of plain inference
+here), on both sides, except the ``premade`` ratio at the largest count, where both
+sides get the samples made beforehand. Besides wall time, the CPU time of the process
+(all threads) is reported: the wall ratio is what a user waits on a machine with a
+free second core, the CPU ratio what it costs when the cores are busy.
 
     python bench/calib_memory.py            # 32 / 128 / 512 samples
     python bench/calib_memory.py --quick    # 16 / 64 samples
@@ -33,6 +34,7 @@ run once.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -48,6 +50,7 @@ HERE = Path(__file__).resolve()
 OURS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 ORTS = ("MinMax", "Entropy", "Percentile")
 PLAIN = ("disable_all", "all")
+PREMADE = "+premade"
 SHAPE = (1, 3, 64, 64)
 
 
@@ -109,7 +112,13 @@ def samples(count: int, seed: int = 1):
 
 
 def _child(tool: str, method: str, count: int, model_path: str) -> dict:
-    """One measured run (in its own process); returns its wall time in seconds."""
+    """One measured run (in its own process); returns its wall time in seconds. A tool
+    name ending in ``PREMADE`` makes the samples before the clock starts."""
+    if tool.endswith(PREMADE):
+        tool, made = tool.removesuffix(PREMADE), list(samples(count))
+        feeds = made.__iter__
+    else:
+        feeds = functools.partial(samples, count)
     if tool == "zenith":
         import onnx_ir as ir
 
@@ -117,7 +126,7 @@ def _child(tool: str, method: str, count: int, model_path: str) -> dict:
 
         model = ir.load(model_path)
         start, cpu = time.perf_counter(), time.process_time()
-        ranges = calibrate(model, samples(count), method=method, progress=False)
+        ranges = calibrate(model, feeds(), method=method, progress=False)
         return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
                 "tensors": len(ranges.tensors)}
     if tool == "onnxruntime":
@@ -144,7 +153,7 @@ def _child(tool: str, method: str, count: int, model_path: str) -> dict:
 
         start, cpu = time.perf_counter(), time.process_time()
         session = runtime.session(model_path, method, threads=1)
-        for feed in samples(count):
+        for feed in feeds():
             session.run(None, feed)
         return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
     raise ValueError(tool)
@@ -182,7 +191,7 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
 
     zenith rows carry ``ratio_all`` / ``ratio_disable_all`` (time over plain inference
     at ORT_ENABLE_ALL / ORT_DISABLE_ALL on the same samples), ``cpu_ratio_all`` and, at
-    the largest count, ``per_sample_ratio_all``."""
+    the largest count, ``per_sample_ratio_all`` and ``premade_ratio_all``."""
     if quick:
         sample_counts, repeats = (16, 64), 1
     rows = []
@@ -192,6 +201,9 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
         print(f"model: {per_sample / 2**20:.2f} MB of activations per sample; samples {list(sample_counts)}")
         jobs = [(tool, method, count) for count in sample_counts
                 for tool, method in [("plain", m) for m in PLAIN] + [("zenith", m) for m in OURS]]
+        # The time ratio without making the samples (largest count; RSS then holds the data).
+        jobs += [("plain" + PREMADE, "all", sample_counts[-1])]
+        jobs += [("zenith" + PREMADE, m, sample_counts[-1]) for m in OURS]
         runs: dict[tuple[str, str, int], list[dict]] = {job: [] for job in jobs}
         for round_ in range(repeats):  # every job once per round: a burst of load hits them alike
             for job in jobs:
@@ -211,6 +223,11 @@ def run(sample_counts=(32, 128, 512), quick: bool = False, repeats: int = 7) -> 
     for count in sample_counts:
         _add_ratios(rows, count)
     _add_per_sample_ratios(rows, sample_counts)
+    premade = {r["method"]: r for r in rows if r["tool"].endswith(PREMADE)}
+    rows[:] = [r for r in rows if not r["tool"].endswith(PREMADE)]
+    for r in rows:
+        if r["tool"] == "zenith" and r["samples"] == sample_counts[-1]:
+            r["premade_ratio_all"] = premade[r["method"]]["seconds"] / premade["all"]["seconds"]
     _print_table(rows, sample_counts)
     return rows
 
@@ -254,16 +271,18 @@ def _print_table(rows: list[dict], counts) -> None:
               + "".join(f"{v:10.3f}" for v in secs))
     labels = {"ratio_all": "wall", "cpu_ratio_all": "cpu", "ratio_disable_all": "wall-D"}
     columns = [(key, c) for key in labels for c in counts]
-    marginal = "per_sample_ratio_all" in find("zenith", OURS[0], last)
+    extra = {"per_sample_ratio_all": "per-sample", "premade_ratio_all": f"premade@{last}"}
+    extra = {k: v for k, v in extra.items() if k in find("zenith", OURS[0], last)}
     print(f"\n{'zenith / plain':<28}" + "".join(f"{f'{labels[key]}@{c}':>11}" for key, c in columns)
-          + (f"{'per-sample':>12}" if marginal else ""))
+          + "".join(f"{v:>13}" for v in extra.values()))
     for tool, method in keys:
         if tool == "zenith":
             print(f"{tool:<12}{method:<16}" + "".join(f"{find(tool, method, c)[key]:11.2f}" for key, c in columns)
-                  + (f"{find(tool, method, last)['per_sample_ratio_all']:12.2f}" if marginal else ""))
+                  + "".join(f"{find(tool, method, last)[k]:13.2f}" for k in extra))
     print("(wall, cpu: wall / CPU time over plain inference at ORT_ENABLE_ALL, 1 intra-op thread; wall-D: wall time "
           "over plain inference at ORT_DISABLE_ALL; per-sample: wall time a further sample adds between the two "
-          "largest counts, over plain inference's; onnxruntime's calibrators use its default thread count)")
+          f"largest counts, over plain inference's; premade@{last}: wall time with the samples made before the "
+          "clock starts, on both sides; onnxruntime's calibrators use its default thread count)")
 
 
 def main(argv=None) -> int:
