@@ -26,6 +26,7 @@ from zenith_onnx.passes.split_channels import (
     channel_stats,
     find_chains,
     split_noise_db,
+    starved_channels,
 )
 from zenith_onnx.quantize import quantize
 from zenith_onnx.summary import op_counts
@@ -75,6 +76,20 @@ def test_split_noise_db_is_the_mean_relative_step_noise_of_the_live_channels():
     # One scale: step 1, noise 1/12 over 100, 100 and 0.01; two scales: steps 1 and 0.01.
     assert whole == pytest.approx(10 * np.log10((1 / 12 / 100 * 2 + 1 / 12 / 0.01) / 3))
     assert grouped == pytest.approx(10 * np.log10((1 / 12 / 100 * 2 + 1e-4 / 12 / 0.01) / 3))
+
+
+def test_one_near_dead_channel_does_not_pay_for_a_split():
+    """The MobileNetV2 bench net's case: 127 channels well served by one scale and one
+    peaking at 1/1150 of them. Its relative noise alone lifts the chain's mean above the
+    noise bar, but one starved channel is not worth a split (MIN_STARVED is 4)."""
+    peaks = np.r_[np.linspace(0.5, 6.0, 127), 0.0052]
+    stats = ChannelStats(np.zeros(128), peaks, mean_square=(peaks / 3) ** 2)
+    groups = channel_groups(peaks)
+    whole, grouped = split_noise_db(stats, groups)
+    assert whole > -16 and whole - grouped > 6  # the noise rule alone would split
+    assert starved_channels(stats) == 1
+    peaks[:8] = 0.05  # 8 channels below 4 steps of 6/255: now the split pays
+    assert starved_channels(ChannelStats(np.zeros(128), peaks, (peaks / 3) ** 2)) == 9
 
 
 # ------------------------------------------------------------------ the pass
