@@ -188,6 +188,9 @@ def _split_channels(model: ir.Model, data) -> tuple[list[dict], list[dict]]:
     from zenith_onnx.passes.equalize_channels import EqualizeChannelsPass, homogeneous
     from zenith_onnx.passes.split_channels import SplitChannelsPass, channel_stats, find_chains
 
+    if not any(n.op_type == "Conv" and n.attributes.get("group") is not None and n.attributes["group"].as_int() > 1
+               for n in model.graph):
+        return [], []  # no depthwise Conv: no chain (and no second fold, whose shape inference is not free)
     _fold_only(model)
     chains = find_chains(model)
     if not chains:
