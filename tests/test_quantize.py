@@ -281,6 +281,27 @@ def test_transformer_matmuls_and_adds_fused():
     assert ops.get("com.microsoft::QLinearSoftmax", 0) == 1
 
 
+def test_a_softmax_writing_a_model_output_stays_float():
+    """Gemm -> Softmax -> output: the Softmax runs in float on the dequantized logits (exact,
+    faster than QLinearSoftmax + DQ); the Gemm stays an integer kernel."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((10, 16)).astype(np.float32)
+    proto = _gemm_model(w, np.zeros(10, np.float32))
+    graph = proto.graph
+    graph.node[0].output[0] = "logits"
+    graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    data = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(8)]
+    result = quantize(_ir(proto), data, report_samples=4)
+    assert [(f["op"], "writes a model output" in f["reason"]) for f in result.report["left_float"]] == [("Softmax", True)]
+    softmax = _nodes(result.model, "Softmax")[0]
+    assert softmax.outputs[0].is_graph_output() and softmax.inputs[0].producer().op_type == "DequantizeLinear"
+    fusion = result.report["fusion"]
+    assert fusion["integer_ops"].get("com.microsoft::QGemm") == 1 and "com.microsoft::QLinearSoftmax" not in fusion["integer_ops"]
+    assert result.report["accuracy"]["sqnr_db"] > 30
+
+
 def test_light_early_layers_after_a_float_stem_stay_float():
     """MobileNetV2's first block (depthwise 16 ch, pointwise 16 -> 16, residual Add) reads only
     the float stem: it stays float with no Q/DQ inside; the 16 -> 64 expansion after it is
