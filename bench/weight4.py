@@ -27,7 +27,6 @@ QUICK_SHAPES = ((768, 3072, 1), (768, 768, 4))
 
 
 def _model(k: int, n: int, rows: int):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = (np.random.default_rng(0).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
@@ -37,7 +36,7 @@ def _model(k: int, n: int, rows: int):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])], [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
-    return onnx.ModelProto.FromString(proto.SerializeToString())
+    return proto
 
 
 def measure(k: int, n: int, rows: int, runs: int = 200) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from zenith_onnx import kernels
-from zenith_onnx.passes._graph import attr_int, constant_array, is_default_domain, make_initializer
+from zenith_onnx.passes._graph import attr_int, attr_ints, constant_array, is_default_domain, make_initializer
 from zenith_onnx.passes.registry import register
 from zenith_onnx.passes.matmul_nbits import nbits_is_faster, replace_with_nbits
 from zenith_onnx.errors import ModelError, UsageError
@@ -301,10 +301,8 @@ def _macs_per_input(node: ir.Node) -> float | None:
     w = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or w.ndim < 3:
         return None
-    group = attr_int(node, "group", 1)
-    strides = node.attributes.get("strides")
-    stride_area = int(np.prod(strides.as_ints())) if strides is not None else 1
-    return w.shape[0] * int(np.prod(w.shape[2:])) / (group * max(stride_area, 1))
+    stride_area = int(np.prod(attr_ints(node, "strides", [1])))
+    return w.shape[0] * int(np.prod(w.shape[2:])) / (attr_int(node, "group", 1) * max(stride_area, 1))
 
 
 def _is_frozen(node: ir.Node) -> bool:

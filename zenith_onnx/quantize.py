@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from zenith_onnx.errors import DataError, UsageError
 from zenith_onnx.passes import build_pipeline
+from zenith_onnx.passes._graph import attr_int
 from zenith_onnx.passes.insert_qdq import FROZEN_QPARAMS, InsertQDQPass, plan_quantization
 from zenith_onnx.passes.strip_qdq import StripQDQPass
 from zenith_onnx.qconfig import QuantConfig
@@ -188,8 +189,7 @@ def _split_channels(model: ir.Model, data) -> tuple[list[dict], list[dict]]:
     from zenith_onnx.passes.equalize_channels import EqualizeChannelsPass, homogeneous
     from zenith_onnx.passes.split_channels import SplitChannelsPass, channel_stats, find_chains
 
-    if not any(n.op_type == "Conv" and n.attributes.get("group") is not None and n.attributes["group"].as_int() > 1
-               for n in model.graph):
+    if not any(n.op_type == "Conv" and attr_int(n, "group", 1) > 1 for n in model.graph):
         return [], []  # no depthwise Conv: no chain (and no second fold, whose shape inference is not free)
     _fold_only(model)
     chains = find_chains(model)
