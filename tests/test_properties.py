@@ -335,3 +335,35 @@ def test_random_calibration_arrays_are_refused_or_give_sound_scales(arrays, tall
     assert _assert_scales_sound(result.model) >= 1
     assert any(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32 for n in result.model.graph)
     assert np.isfinite(result.report["accuracy"]["sqnr_db"])
+
+
+@given(
+    base=st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False),
+    spread_exp=st.floats(-8.0, 3.0),
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_histogram_observers_bin_any_band_soundly(base, spread_exp, sizes, dtype, seed, tally):
+    """Batches in a band ``base + [0, spread)`` at any distance from 0 and any width
+    (down to ten float32 ulps, where float32 arithmetic cannot place a value to a bin):
+    every value is counted, and every method's range lies in ``[min, max]`` with lo <= hi."""
+    from zenith_onnx.observers import observer_for
+
+    rng = np.random.default_rng(seed)
+    spread = max(abs(base), 1e-30) * 10.0**spread_exp
+    with np.errstate(over="ignore"):
+        batches = [(base + rng.random(n) * spread * (1 + k)).astype(dtype) for k, n in enumerate(sizes)]
+    if not all(np.isfinite(b).all() for b in batches):
+        return
+    data = np.concatenate(batches).astype(np.float64)
+    for method in ("percentile", "entropy", "mse"):
+        obs = observer_for(method, percentile=99.0)
+        for b in batches:
+            obs.observe(b)
+        h = obs.histogram
+        counted = h._point_count if h.counts is None else int(h.counts.sum())
+        assert counted == data.size, method
+        lo, hi = obs.compute_range()
+        assert data.min() <= lo <= hi <= data.max(), (method, lo, hi)
+    tally["histogram bands observed"] += 1
