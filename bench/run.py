@@ -509,8 +509,11 @@ def render(results: dict, out: Path) -> str:
                       "shortest time is kept. Making the samples is counted on both sides except in the 'samples "
                       "made beforehand' column; 'per added sample' is the time the samples between the two largest "
                       "counts add (one-off costs such as the entropy search cancel out). CPU time counts both "
-                      "threads: histogram methods bin about 1.2 ns per value with numpy, which is why they meet "
-                      "1.5x in wall time only when the second core is free.", "", render_calib(calib["data"]), ""]
+                      "threads: histogram methods bin about 1.3 ns per value with numpy, which is why they meet "
+                      "1.5x in wall time only when the second core is free. On real networks calibration costs "
+                      "2.6-3.1x plain inference with minmax and 5-7x with the histogram methods "
+                      "(`python -m bench.calib_zoo`, bench/calib_zoo_results.md; README, Real models, says why).",
+                  "", render_calib(calib["data"]), ""]
         elif "error" in calib:
             parts += [f"FAILED: {calib['error']}", ""]
         else:
