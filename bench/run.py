@@ -509,9 +509,10 @@ def render(results: dict, out: Path) -> str:
                       "shortest time is kept. Making the samples is counted on both sides except in the 'samples "
                       "made beforehand' column; 'per added sample' is the time the samples between the two largest "
                       "counts add (one-off costs such as the entropy search cancel out). CPU time counts both "
-                      "threads: histogram methods bin about 1.3 ns per value with numpy, which is why they meet "
-                      "1.5x in wall time only when the second core is free. On real networks calibration costs "
-                      "2.6-3.1x plain inference with minmax and 5-7x with the histogram methods "
+                      "threads: the histogram methods count about 0.55 ns per value (zenith_onnx/_native.c; "
+                      "numpy's fallback 1.1 ns), so they stay under 1.5x in wall time while the second core is "
+                      "free and take about 1.9x when the cores are busy. On real networks calibration costs "
+                      "2.7-2.9x plain inference with minmax and 3.7-4.4x with the histogram methods "
                       "(`python -m bench.calib_zoo`, bench/calib_zoo_results.md; README, Real models, says why).",
                   "", render_calib(calib["data"]), ""]
         elif "error" in calib:
