@@ -317,6 +317,42 @@ def test_bad_data_error_reaches_the_caller_from_either_thread(method):
         calibrate(_ir(_cnn_proto()), {"x": x}, method=method)
 
 
+def test_feed_reading_switches_threads_without_reading_twice_at_once(monkeypatch):
+    """Reading goes to whichever thread had less to do on the last batch. Observing is
+    made slow on every other batch, so the reader changes thread at almost every batch:
+    the feeds (a generator, which raises if entered from two threads at once) are still
+    read one at a time, in order, each once, and the ranges equal those of a plain run."""
+    import threading
+    import time
+
+    from zenith_onnx import calibration
+
+    samples = _cnn_samples(12)
+    readers, observed = [], []
+
+    def feeds():
+        for i, s in enumerate(samples):
+            readers.append(threading.current_thread().name)
+            time.sleep(0.002)  # widen the window for a second reader
+            yield s
+
+    feed = calibration._Observation.feed
+
+    def slow_every_other(self, name, array, span):
+        if name == "x":
+            observed.append(span)
+            if span[0] % 2:
+                time.sleep(0.03)  # much longer than the worker's inference
+        feed(self, name, array, span)
+
+    monkeypatch.setattr(calibration._Observation, "feed", slow_every_other)
+    ranges = calibrate(_ir(_cnn_proto()), feeds(), method="minmax")
+    assert observed == [(i, i + 1) for i in range(12)]
+    assert len({r.startswith("zenith-calibrate") for r in readers}) == 2  # both threads read
+    monkeypatch.setattr(calibration._Observation, "feed", feed)
+    assert ranges.tensors == calibrate(_ir(_cnn_proto()), samples, method="minmax").tensors
+
+
 def test_subgraph_tensors_are_skipped_with_a_warning(caplog):
     then_branch = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["inner_relu"])], "then", [],

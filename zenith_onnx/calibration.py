@@ -179,13 +179,15 @@ def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Obser
 
     A worker thread runs onnxruntime on the next feed (it releases the GIL) while this
     thread bins the activations of the previous one, so observing overlaps inference;
-    at most two batches of activations are alive at a time. Reading the next feed goes
-    to the thread with less to do: the worker when the observers keep histograms
-    (binning costs about as much as inference of a small network), this thread when
-    they only track extremes.
+    at most two batches of activations are alive at a time. Reading the next feed (which
+    may decode images, or generate samples) goes to the thread that had less to do on the
+    last batch: onnxruntime's run against this thread's observing. Histograms of a
+    MobileNet-like network cost more than its inference, extremes much less; a small CNN's
+    histograms, counted by the compiled loop, cost less too.
     """
     samples = 0
     batches = iter(feeds)
+    # First guess, until one batch has been timed: histograms cost more than inference.
     read_in_worker = any(isinstance(o, HistogramObserver) for o in observation.observers.values())
 
     def run(feed, span):  # in the worker; reads the next feed itself when given none
@@ -194,37 +196,44 @@ def _run_observed(session, outputs: list[str], feeds: Feeds, observation: _Obser
             if feed is None:
                 return None
             span = feeds.span
+        start = time.perf_counter()
         try:
-            return feed, span, session.run(outputs, feed)
+            values = session.run(outputs, feed)
         except _ORT_RUN_ERRORS as e:
             message = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
             raise DataError(f"onnxruntime failed on calibration samples {span[0]}..{span[1] - 1}: {message}") from None
+        return feed, span, values, time.perf_counter() - start
 
-    def submit():
-        if read_in_worker:
-            return worker.submit(run, None, None)
+    def submit(pending):
+        """Queue the next batch: ``(future, whether the worker reads it)``, or None at the end."""
+        # The worker runs its tasks in order, so a read it was given is over before the
+        # next task starts; this thread must not read while one may still be under way.
+        if read_in_worker or (pending is not None and pending[1] and not pending[0].done()):
+            return worker.submit(run, None, None), True
         feed = next(batches, None)
-        return None if feed is None else worker.submit(run, feed, feeds.span)
+        return None if feed is None else (worker.submit(run, feed, feeds.span), False)
 
     with _progress_bar(feeds.count, progress) as advance, ThreadPoolExecutor(1, "zenith-calibrate") as worker:
-        pending = submit()
+        pending = submit(None)
         while pending is not None:
             # Queued before waiting, so the worker goes on without waiting for this thread.
-            following = submit()
+            following = submit(pending)
             try:
-                done = pending.result()
+                done = pending[0].result()
             except BaseException:
                 if following is not None:
-                    following.cancel()
+                    following[0].cancel()
                 raise
             if done is None:
                 break
-            feed, span, values = done
+            start = time.perf_counter()
+            feed, span, values, inference = done
             for name, value in zip(outputs, values):
                 observation.feed(name, value, span)
             for name in inputs:
                 observation.feed(name, feed[name], span)
             del done, feed, values  # before the next batch is queued: two batches at most
+            read_in_worker = time.perf_counter() - start > inference
             samples += span[1] - span[0]
             advance(span[1] - span[0])
             pending = following
