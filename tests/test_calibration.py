@@ -514,3 +514,23 @@ def test_cli_as_a_process(cnn_files, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and Ranges.load(out).method == "percentile"
+
+
+def test_thread_count_changes_no_range(monkeypatch):
+    from zenith_onnx.runtime import THREADS_ENV, default_threads, using_threads
+
+    model, samples = _ir(_cnn_proto()), _cnn_samples(6)
+    one = calibrate(model, samples, method="percentile", threads=1)
+    assert calibrate(model, samples, method="percentile", threads=2).tensors == one.tensors
+    monkeypatch.setenv(THREADS_ENV, "0")
+    assert default_threads() == 0
+    with using_threads(2):
+        with using_threads(None):
+            assert default_threads() == 2
+        assert calibrate(model, samples, method="percentile").tensors == one.tensors
+    assert default_threads() == 0
+    monkeypatch.setenv(THREADS_ENV, "2.5")
+    with pytest.raises(UsageError, match="ZENITH_ONNX_THREADS"):
+        calibrate(model, samples)
+    with pytest.raises(UsageError, match="threads"):
+        calibrate(model, samples, threads=-2)

@@ -216,3 +216,30 @@ def test_read_only_output_folder(workdir):
             result = _cli(*args, prefix=prefix)
             _assert_one_line_error(result, str(out), "cannot write to folder", "Permission denied")
             assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_bad_thread_count_is_refused_before_anything_is_written(workdir, how):
+    out = workdir / "out.onnx"
+    ranges = workdir / "ranges.json"
+    extra, prefix = (["--threads", "-1"], ()) if how == "flag" else ([], ("env", "ZENITH_ONNX_THREADS=many"))
+    for args, target in (
+        (["quantize", str(workdir / "good.onnx"), "-o", str(out), "--data", str(workdir / "calib.npz")], out),
+        (["calibrate", str(workdir / "good.onnx"), "--data", str(workdir / "calib.npz"), "-o", str(ranges)], ranges),
+    ):
+        _assert_one_line_error(_cli(*args, *extra, prefix=prefix), "thread")
+        assert not target.exists()
+
+
+def test_threads_flag_and_env_give_the_same_model(workdir):
+    """Sessions on 2 threads (the flag) or onnxruntime's default count (the environment)
+    calibrate the same ranges as on 1: the written models are byte for byte equal."""
+    outputs = []
+    for name, extra, prefix in (("one", [], ()), ("two", ["--threads", "2"], ()),
+                                ("auto", [], ("env", "ZENITH_ONNX_THREADS=0"))):
+        out = workdir / f"{name}.onnx"
+        result = _cli("quantize", str(workdir / "good.onnx"), "-o", str(out), "--data", str(workdir / "calib.npz"),
+                      *extra, prefix=prefix)
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -280,7 +280,7 @@ def _calibrate(
     activation_bits: int,
     batch_size: int,
     progress: bool | None,
-    threads: int,
+    threads: int | None,
 ) -> tuple[Ranges, int]:
     _check_options(method, percentile, activation_bits)
     if not isinstance(model, ir.Model):
@@ -298,7 +298,8 @@ def _calibrate(
         for value in [v for v in observed.graph.outputs if v.name in observation.derived]:
             if value.name not in model_outputs:
                 observed.graph.outputs.remove(value)
-        session = runtime.session(observed, "all", threads=threads)
+        with runtime.using_threads(threads):  # refuses a bad count
+            session = runtime.session(observed, "all")
         if tensors is None:
             # A derived tensor has its root's type (Relu and the reshaping ops keep it).
             types = {v.name: v.type for v in (*session.get_inputs(), *session.get_outputs())}
@@ -341,7 +342,7 @@ def calibrate(
     activation_bits: int = 8,
     batch_size: int = 1,
     progress: bool | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> Ranges:
     """Observe activation ranges of ``model`` on ``data``; the model is not changed.
 
@@ -352,7 +353,8 @@ def calibrate(
     `qconfig.CALIBRATION_METHODS`; ``percentile`` is used by "percentile" and
     ``activation_bits`` by "entropy" and "mse". ``batch_size`` samples run per
     onnxruntime call (axis 0 must be symbolic). ``progress``: a tqdm bar (default: when
-    stderr is a terminal). ``threads``: onnxruntime intra-op threads.
+    stderr is a terminal). ``threads``: onnxruntime intra-op threads (None:
+    `zenith_onnx.runtime.default_threads`, 1 unless ``$ZENITH_ONNX_THREADS`` says otherwise).
     """
     return _calibrate(
         model, data, tensors, method=method, percentile=percentile, activation_bits=activation_bits,
@@ -369,7 +371,7 @@ def calibrate_file(
     percentile: float = 99.99,
     activation_bits: int = 8,
     batch_size: int = 1,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> Ranges:
     """`calibrate` a model file on an ``.npz`` and write the ranges JSON atomically;
     prints a one-line summary."""

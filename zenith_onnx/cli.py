@@ -56,6 +56,11 @@ def _add_diff(sub) -> None:
     p.set_defaults(handler=_cmd_diff)
 
 
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: $ZENITH_ONNX_THREADS, else 1; 0: one per physical core)")
+
+
 def _add_calibrate(sub) -> None:
     from zenith_onnx.qconfig import CALIBRATION_METHODS
 
@@ -67,7 +72,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
     p.add_argument("--activation-bits", type=int, default=8, choices=(8, 16), help="for entropy and mse")
     p.add_argument("--batch-size", type=int, default=1, help="samples per onnxruntime run (needs a symbolic axis 0)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default: %(default)s)")
+    _add_threads(p)
     p.set_defaults(handler=_cmd_calibrate)
 
 
@@ -95,6 +100,7 @@ def _add_quantize(sub) -> None:
                    help="output SQNR on the calibration data to reach (default %(default)s)")
     p.add_argument("--max-float-nodes", type=int, default=16, metavar="N",
                    help="at most this many nodes kept float (default %(default)s)")
+    _add_threads(p)
     p.set_defaults(handler=_cmd_quantize)
 
 
@@ -263,8 +269,11 @@ def _cmd_quantize(args) -> int:
     fallback = None
     if args.auto_fallback:
         fallback = {"goal_sqnr_db": args.fallback_goal_db, "max_float_nodes": args.max_float_nodes}
-    quantize_file(args.model, args.output, data=args.data, ranges=args.ranges, config=config,
-                  report_path=args.report, fallback=fallback)
+    from zenith_onnx.runtime import using_threads
+
+    with using_threads(args.threads):
+        quantize_file(args.model, args.output, data=args.data, ranges=args.ranges, config=config,
+                      report_path=args.report, fallback=fallback)
     return EXIT_OK
 
 

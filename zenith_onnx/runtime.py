@@ -3,6 +3,11 @@
 Reference outputs come from ``ORT_DISABLE_ALL`` (onnxruntime's default level folds
 Conv+BatchNorm itself and would hide folding bugs); fusion is checked at
 ``ORT_ENABLE_EXTENDED``; latency is measured at ``ORT_ENABLE_ALL``.
+
+Sessions use one intra-op thread unless told otherwise: results and timings then do not
+depend on the machine. ``$ZENITH_ONNX_THREADS`` (or ``--threads`` on the command line)
+sets the count for the sessions that name none (calibration, the accuracy report, the
+fallback search); 0 is onnxruntime's own default, one thread per physical core.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from zenith_onnx.errors import ModelError
+from zenith_onnx.errors import ModelError, UsageError
 
-__all__ = ["LEVELS", "model_bytes", "session", "run", "model_file", "interleaved_latency"]
+__all__ = ["LEVELS", "THREADS_ENV", "default_threads", "using_threads", "model_bytes", "session", "run", "model_file",
+           "interleaved_latency"]
 
 LEVELS = {
     "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -28,6 +34,42 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+THREADS_ENV = "ZENITH_ONNX_THREADS"
+_threads: list[int] = []  # set by `using_threads`, innermost last
+
+
+@contextlib.contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, sessions that name no thread count use ``threads`` (None: no change)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise UsageError(f"threads: expected a number >= 0 (0: one per physical core), got {threads!r}")
+    if threads is None:
+        yield
+        return
+    _threads.append(threads)
+    try:
+        yield
+    finally:
+        _threads.pop()
+
+
+def default_threads() -> int:
+    """Intra-op threads of a session that names none: the innermost `using_threads`, else
+    ``$ZENITH_ONNX_THREADS``, else 1 (0: onnxruntime's default, one per physical core)."""
+    if _threads:
+        return _threads[-1]
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise UsageError(f"{THREADS_ENV}={raw!r}: expected a number of threads >= 0 (0: one per physical core)")
+    return threads
 
 
 def model_bytes(model: ir.Model) -> bytes:
@@ -55,14 +97,15 @@ def session(
     model: ir.Model | str | os.PathLike | bytes,
     level: str = "disable_all",
     *,
-    threads: int = 1,
+    threads: int | None = None,
     optimized_model_filepath: str | None = None,
     disabled_optimizers: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session at ``level`` (see `LEVELS`)."""
+    """An onnxruntime CPU session at ``level`` (see `LEVELS`) with ``threads`` intra-op
+    threads (None: `default_threads`)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = default_threads() if threads is None else threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # fatal only: every error reaches the caller as an exception
     if optimized_model_filepath:
