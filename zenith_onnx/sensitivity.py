@@ -393,8 +393,9 @@ def quantize_with_fallback(
         "quantize_report": current.report,
     }
     if latency_runs:
-        sessions = {"float": runtime.session(base.float_model, "all"), "int8": runtime.session(base.model, "all"),
-                    "fallback": runtime.session(current.model, "all")}
+        # 1 thread whatever `runtime.default_threads` says: latencies compare across machines.
+        sessions = {label: runtime.session(m, "all", threads=1)
+                    for label, m in (("float", base.float_model), ("int8", base.model), ("fallback", current.model))}
         lat = runtime.interleaved_latency(sessions, feeds[:4], runs=latency_runs, warmup=5)
         report["latency_ms"] = lat
         report["latency_ratio"] = {k: v["median_ms"] / lat["float"]["median_ms"] for k, v in lat.items()}
