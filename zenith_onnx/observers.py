@@ -40,7 +40,7 @@ Methods (``compute_range``):
   all levels but the last, so a search costs about 0.1 ms. (pytorch-quantization's
   balanced levels, ``ceil(g i / L)``, share nothing: O(L) per candidate, 1-2 ms per
   search, most of the calibration time of small models; quantizing the real models of
-  `bench/zoo.py` with them gave 0.5-1.9 dB lower SQNR.)
+  `bench/zoo.py` with them gave 0.5-1.9 dB lower SQNR on three and the same on layout.)
 - mse: the range ``[a, b]`` (bin edges, ``a <= 0 <= b``) that minimizes the expected
   squared error of ``2**bits`` level asymmetric quantization,
   ``N_in * ((b - a) / (2**bits - 1))**2 / 12 + sum_{x < a} (a - x)**2 + sum_{x > b} (x - b)**2``,
