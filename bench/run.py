@@ -512,7 +512,7 @@ def render(results: dict, out: Path) -> str:
                       "threads: the histogram methods count about 0.55 ns per value (zenith_onnx/_native.c; "
                       "numpy's fallback 1.1 ns), so they stay under 1.5x in wall time while the second core is "
                       "free and take about 1.9x when the cores are busy. On real networks calibration costs "
-                      "2.7-2.9x plain inference with minmax and 3.7-4.4x with the histogram methods "
+                      "2.6-3.3x plain inference with minmax and 3.7-4.3x with the histogram methods "
                       "(`python -m bench.calib_zoo`, bench/calib_zoo_results.md; README, Real models, says why).",
                   "", render_calib(calib["data"]), ""]
         elif "error" in calib:
