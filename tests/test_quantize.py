@@ -462,12 +462,15 @@ def test_cli_calibrate_then_quantize_with_ranges(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(proto, src)
     np.savez(tmp_path / "calib.npz", **synthetic.calibration_samples(proto, 4))
-    proc = _cli("calibrate", src, "--data", tmp_path / "calib.npz", "-o", tmp_path / "r.json")
+    # minmax: exact extremes, the same on the raw model (calibrate) and on the folded one
+    # (quantize), which differ by the rounding of the folded weights
+    proc = _cli("calibrate", src, "--data", tmp_path / "calib.npz", "-o", tmp_path / "r.json", "--method", "minmax")
     assert proc.returncode == 0, proc.stderr
     proc = _cli("quantize", src, "-o", tmp_path / "q.onnx", "--ranges", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
     assert "QLinearConv 7" in proc.stdout
-    direct = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0).model
+    direct = quantize(_ir(proto), _samples(proto, 4), check_fusion=False, report_samples=0,
+                      config=QuantConfig(method="minmax")).model
     via_ranges = ir.load(tmp_path / "q.onnx")
     s1 = sorted(float(_const(q.inputs[1])) for q in _nodes(direct, "QuantizeLinear"))
     s2 = sorted(float(_const(q.inputs[1])) for q in _nodes(via_ranges, "QuantizeLinear"))
@@ -542,3 +545,19 @@ def test_cli_auto_fallback_keeps_costly_layers_float(tmp_path):
     proc = _cli("quantize", src, "-o", tmp_path / "q2.onnx", "--ranges", tmp_path / "r.json", "--auto-fallback")
     assert proc.returncode == 2 and "needs --data" in proc.stderr
     assert not (tmp_path / "q2.onnx").exists()
+
+
+def test_calibrate_and_quantize_share_the_default_method():
+    """`zenith-onnx calibrate` then `quantize --ranges` calibrates as `quantize --data` does."""
+    import inspect
+
+    from zenith_onnx.calibration import calibrate, calibrate_file
+    from zenith_onnx.cli import build_parser
+    from zenith_onnx.qconfig import DEFAULT_METHOD
+
+    parser = build_parser()
+    for argv in (["calibrate", "m.onnx", "--data", "d.npz", "-o", "r.json"], ["quantize", "m.onnx", "-o", "q.onnx"]):
+        assert parser.parse_args(argv).method == DEFAULT_METHOD
+    assert QuantConfig().method == DEFAULT_METHOD == "mse"
+    for function in (calibrate, calibrate_file):
+        assert inspect.signature(function).parameters["method"].default == DEFAULT_METHOD

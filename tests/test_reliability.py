@@ -785,9 +785,9 @@ _RAISE_IN = {
         130, "zenith-onnx: interrupted",
     ),
     "out_of_memory_in_calibration": (
-        "from zenith_onnx.observers import MinMaxObserver\n"
+        "from zenith_onnx.observers import Observer\n"
         "def boom(self, x):\n    raise MemoryError\n"
-        "MinMaxObserver.observe = boom",
+        "Observer.observe = boom",  # every method's observers
         2, "zenith-onnx: error: out of memory",
     ),
     "save_fails_half_written": (

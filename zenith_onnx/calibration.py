@@ -47,7 +47,7 @@ from zenith_onnx.errors import DataError, UsageError
 from zenith_onnx.observers import HistogramObserver, NonFiniteValuesError, Observer, observer_for
 from zenith_onnx.passes._graph import is_default_domain
 from zenith_onnx.passes.observe import ObservePass
-from zenith_onnx.qconfig import CALIBRATION_METHODS
+from zenith_onnx.qconfig import CALIBRATION_METHODS, DEFAULT_METHOD
 from zenith_onnx.ranges import Ranges, safe_range
 
 __all__ = ["calibrate", "calibrate_file", "observer_for"]
@@ -337,7 +337,7 @@ def calibrate(
     data,
     tensors: Sequence[str] | None = None,
     *,
-    method: str = "minmax",
+    method: str = DEFAULT_METHOD,
     percentile: float = 99.99,
     activation_bits: int = 8,
     batch_size: int = 1,
@@ -367,7 +367,7 @@ def calibrate_file(
     data_path: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
-    method: str = "minmax",
+    method: str = DEFAULT_METHOD,
     percentile: float = 99.99,
     activation_bits: int = 8,
     batch_size: int = 1,

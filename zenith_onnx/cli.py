@@ -62,13 +62,13 @@ def _add_threads(p) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    from zenith_onnx.qconfig import CALIBRATION_METHODS
+    from zenith_onnx.qconfig import CALIBRATION_METHODS, DEFAULT_METHOD
 
     p = sub.add_parser("calibrate", help="observe activation ranges on calibration data, write ranges JSON")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="calibration .npz (one array per graph input, samples on axis 0)")
     p.add_argument("-o", "--output", required=True, help="ranges .json")
-    p.add_argument("--method", default="minmax", choices=CALIBRATION_METHODS, help="range method (default: %(default)s)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=CALIBRATION_METHODS, help="range method (default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default: %(default)s)")
     p.add_argument("--activation-bits", type=int, default=8, choices=(8, 16), help="for entropy and mse")
     p.add_argument("--batch-size", type=int, default=1, help="samples per onnxruntime run (needs a symbolic axis 0)")
@@ -77,6 +77,8 @@ def _add_calibrate(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
+    from zenith_onnx.qconfig import DEFAULT_METHOD
+
     p = sub.add_parser("quantize", help="fold, calibrate and insert Q/DQ that onnxruntime fuses")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
@@ -91,7 +93,7 @@ def _add_quantize(sub) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric-weights", dest="symmetric_weights", action="store_true", default=True)
     sym.add_argument("--asymmetric-weights", dest="symmetric_weights", action="store_false")
-    p.add_argument("--method", default="minmax", help="calibration method (with --data)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help="calibration method with --data (default: %(default)s)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="node names or op types to keep in float")
     p.add_argument("--report", help="write the accuracy report as JSON here")
     p.add_argument("--auto-fallback", action="store_true",
