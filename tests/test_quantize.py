@@ -558,6 +558,6 @@ def test_calibrate_and_quantize_share_the_default_method():
     parser = build_parser()
     for argv in (["calibrate", "m.onnx", "--data", "d.npz", "-o", "r.json"], ["quantize", "m.onnx", "-o", "q.onnx"]):
         assert parser.parse_args(argv).method == DEFAULT_METHOD
-    assert QuantConfig().method == DEFAULT_METHOD == "mse"
+    assert QuantConfig().method == DEFAULT_METHOD == "minmax"
     for function in (calibrate, calibrate_file):
         assert inspect.signature(function).parameters["method"].default == DEFAULT_METHOD
