@@ -556,8 +556,42 @@ def test_calibrate_and_quantize_share_the_default_method():
     from zenith_onnx.qconfig import DEFAULT_METHOD
 
     parser = build_parser()
-    for argv in (["calibrate", "m.onnx", "--data", "d.npz", "-o", "r.json"], ["quantize", "m.onnx", "-o", "q.onnx"]):
-        assert parser.parse_args(argv).method == DEFAULT_METHOD
-    assert QuantConfig().method == DEFAULT_METHOD == "minmax"
+    assert parser.parse_args(["calibrate", "m.onnx", "--data", "d.npz", "-o", "r.json"]).method == DEFAULT_METHOD
+    assert QuantConfig().method == DEFAULT_METHOD == "mse"
     for function in (calibrate, calibrate_file):
         assert inspect.signature(function).parameters["method"].default == DEFAULT_METHOD
+
+
+@pytest.mark.parametrize("extra, method", [([], "mse"), (["--auto-fallback"], "minmax"),
+                                           (["--method", "percentile"], "percentile"),
+                                           (["--auto-fallback", "--method", "mse"], "mse")])
+def test_quantize_cli_method_default_depends_on_the_fallback(tmp_path, monkeypatch, extra, method):
+    """MSE for plain quantization, MinMax for the fallback search (qconfig says why); an
+    explicit --method wins either way."""
+    from zenith_onnx import cli, quantize as quantize_module
+
+    seen = {}
+
+    def fake_quantize_file(model, output, *, config, **kwargs):
+        seen["method"] = config.method
+
+    monkeypatch.setattr(quantize_module, "quantize_file", fake_quantize_file)
+    assert cli.main(["quantize", "m.onnx", "-o", str(tmp_path / "q.onnx"), "--data", "d.npz", *extra]) == 0
+    assert seen["method"] == method
+
+
+def test_fallback_without_a_config_calibrates_with_minmax(monkeypatch):
+    from zenith_onnx import quantize as quantize_module
+    from zenith_onnx import sensitivity
+
+    proto = synthetic.conv_bn_relu_cnn(blocks=2)
+    methods = []
+    real = quantize_module.quantize
+
+    def spy(model, data=None, *, config=None, **kwargs):
+        methods.append((config or QuantConfig()).method)
+        return real(model, data, config=config, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize", spy)
+    sensitivity.quantize_with_fallback(_ir(proto), _samples(proto, 2), max_float_nodes=2, latency_runs=0)
+    assert methods and set(methods) == {"minmax"}

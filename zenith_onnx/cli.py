@@ -77,7 +77,7 @@ def _add_calibrate(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
-    from zenith_onnx.qconfig import DEFAULT_METHOD
+    from zenith_onnx.qconfig import DEFAULT_METHOD, FALLBACK_METHOD
 
     p = sub.add_parser("quantize", help="fold, calibrate and insert Q/DQ that onnxruntime fuses")
     p.add_argument("model")
@@ -93,7 +93,8 @@ def _add_quantize(sub) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric-weights", dest="symmetric_weights", action="store_true", default=True)
     sym.add_argument("--asymmetric-weights", dest="symmetric_weights", action="store_false")
-    p.add_argument("--method", default=DEFAULT_METHOD, help="calibration method with --data (default: %(default)s)")
+    p.add_argument("--method", default=None,
+                   help=f"calibration method with --data (default: {DEFAULT_METHOD}; with --auto-fallback {FALLBACK_METHOD})")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="node names or op types to keep in float")
     p.add_argument("--report", help="write the accuracy report as JSON here")
     p.add_argument("--auto-fallback", action="store_true",
@@ -256,7 +257,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from zenith_onnx.qconfig import QuantConfig
+    from zenith_onnx.qconfig import DEFAULT_METHOD, FALLBACK_METHOD, QuantConfig
     from zenith_onnx.quantize import quantize_file
 
     _check_output(args.model, args.output)
@@ -265,7 +266,7 @@ def _cmd_quantize(args) -> int:
         activation_bits=args.activation_bits,
         per_channel=args.per_channel,
         symmetric_weights=args.symmetric_weights,
-        method=args.method,
+        method=args.method or (FALLBACK_METHOD if args.auto_fallback else DEFAULT_METHOD),
         exclude=tuple(args.exclude),
     )
     fallback = None

@@ -6,17 +6,18 @@ import dataclasses
 
 from zenith_onnx.errors import UsageError
 
-__all__ = ["QuantConfig", "CALIBRATION_METHODS", "DEFAULT_METHOD"]
+__all__ = ["QuantConfig", "CALIBRATION_METHODS", "DEFAULT_METHOD", "FALLBACK_METHOD"]
 
 CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
-# MinMax. MSE (the range minimizing the expected squared error of the uint8 quantizer)
-# does better on its own: on the four zoo models PP-OCRv3 det mask IoU 0.778 -> 0.805, rec
-# agreement 0.963 -> 0.974, orientation 38.0 -> 51.3 dB, layout 16.2 -> 17.2 dB, and within
-# 0.2 dB on the synthetic ones. But the fallback search then keeps other layers float and
-# lands lower (det 0.932 -> 0.868, layout F1 1.000 -> 0.941 with the same node budgets;
-# bench/zoo_results_mse.md), so MinMax stays the default and `--method mse` is the advice
-# for a model quantized without the fallback.
-DEFAULT_METHOD = "minmax"
+# MSE: the range that minimizes the expected squared error of the uint8 quantizer itself.
+# On the four zoo models (bench/zoo.py) it beat MinMax on every one (PP-OCRv3 det mask IoU
+# 0.778 -> 0.805, rec agreement 0.963 -> 0.974, orientation 38.0 -> 51.3 dB, layout
+# 16.2 -> 17.2 dB) and stayed within 0.2 dB on the synthetic bench models.
+DEFAULT_METHOD = "mse"
+# The fallback search (`zenith_onnx.sensitivity.quantize_with_fallback`) calibrates with
+# MinMax unless told otherwise: with MSE it kept other layers float and landed lower (det
+# 0.932 -> 0.868, layout F1 1.000 -> 0.941 with the same node budgets; bench/zoo_results_mse.md).
+FALLBACK_METHOD = "minmax"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 
 from zenith_onnx import kernels, runtime
 from zenith_onnx.passes._graph import attr_int, constant_array, is_default_domain
-from zenith_onnx.qconfig import QuantConfig
+from zenith_onnx.qconfig import FALLBACK_METHOD, QuantConfig
 from zenith_onnx.qdq_rules import ABSORBED_ACTIVATIONS, COMPUTE_RULES, SAME_SCALE_OPS
 from zenith_onnx.testing import sqnr_db
 
@@ -315,13 +315,14 @@ def quantize_with_fallback(
     """Quantize ``model``, then keep the costliest units float until the output SQNR on
     the first ``samples`` calibration feeds reaches ``goal_sqnr_db`` or ``max_float_nodes``
     compute nodes are excluded (a round of exclusions that lowers the SQNR is undone).
-    ``config.exclude`` entries are kept and not counted.
+    ``config.exclude`` entries are kept and not counted. Without ``config``, calibration
+    uses `qconfig.FALLBACK_METHOD` (MinMax), not the plain quantizer's default (MSE).
     ``latency_runs`` 0 skips the latency measurement. ``sensitivity``: units from an
     earlier `layer_sensitivity` with the same model, data and config (skips measuring).
     """
     from zenith_onnx.quantize import quantize
 
-    config = config or QuantConfig()
+    config = config or QuantConfig(method=FALLBACK_METHOD)
     t0 = time.perf_counter()
     data = _reusable(data, model)
     base = quantize(model, data, config=config, report_samples=0, check_fusion=False)
