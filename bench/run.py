@@ -488,7 +488,8 @@ def render(results: dict, out: Path) -> str:
     if tool:
         parts += ["## Quantizer time and memory vs graph size", "",
                   "Conv-BN-Relu chains (`zenith_onnx.synthetic.conv_chain`, 8 channels, 8x8), 8 calibration samples, "
-                  "from .onnx + .npz files to a saved QDQ model, each run in a fresh process: wall time of the whole "
+                  "from .onnx + .npz files to a saved QDQ model, each run in a fresh process (zenith-onnx 3 times per size, the "
+                  "fastest kept): wall time of the whole "
                   "process (imports included) and its peak RSS (`getrusage(RUSAGE_CHILDREN).ru_maxrss` in a wrapper "
                   "process). zenith-onnx: `python -m zenith_onnx quantize IN -o OUT --data CALIB.npz --report R.json` "
                   "(also runs the fusion check and the accuracy report); its pipeline time is the sum of the report's "
@@ -647,7 +648,8 @@ def update_readme(results: dict, readme: Path = REPO / "README.md") -> bool:
         summary_table(results),
         "",
         *_missed_text(results),
-        *(["Quantizer time and peak memory on Conv-BN-Relu chains (fresh process each):", "",
+        *(["Quantizer time and peak memory on Conv-BN-Relu chains (fresh process each; zenith-onnx the fastest "
+           "of 3):", "",
            render_tool(_data(results, "tool")), ""] if _data(results, "tool") else []),
         *(["Calibration peak memory and time by number of samples, zenith-onnx's streaming observers next to "
            "onnxruntime's calibrators (`bench/calib_memory.py`, fresh process each; 'plain inference' runs the "
