@@ -230,9 +230,16 @@ class StreamingHistogram:
         if _native is not None and x.dtype == np.float32:
             # Compiled: one pass in double (always precise), clipped, the GIL released.
             _native.count(x, slots, self.start * self.width, 1.0 / self.width)
-            slots[-2] += slots[-1]
-            slots[-1] = 0
-            return
+        else:
+            # np.add.at counts a third faster than np.bincount (no min/max pass over the
+            # indices, no temporary histogram) and binning is where these observers spend
+            # their time.
+            np.add.at(slots, self._indices(x), 1)
+        slots[-2] += slots[-1]
+        slots[-1] = 0
+
+    def _indices(self, x: np.ndarray) -> np.ndarray:
+        """Slot of every value of ``x`` with numpy (0 .. ``bins``, see `_mapping`)."""
         origin, inverse, precise = self._mapping(x.dtype)
         if not precise and x.dtype != np.float64:
             x = x.astype(np.float64)  # float32 cannot place the values to a bin
@@ -242,12 +249,7 @@ class StreamingHistogram:
         index = scaled.astype(np.intp)
         if not precise:  # values so far from 0 that even float64 blurs the bins: clip
             np.clip(index, 0, self.bins, out=index)
-        # np.add.at counts a third faster than np.bincount (no min/max pass over the
-        # indices, no temporary histogram) and binning is where these observers spend
-        # their time.
-        np.add.at(slots, index, 1)
-        slots[-2] += slots[-1]
-        slots[-1] = 0
+        return index
 
     @property
     def counts(self) -> np.ndarray | None:
