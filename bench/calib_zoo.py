@@ -63,17 +63,11 @@ def _exposed(model_path: Path):
     """The model with every tensor `calibrate` fetches made a graph output, and their names."""
     import onnx_ir as ir
 
-    from zenith_onnx.calibration import _derivations
-    from zenith_onnx.passes.observe import ObservePass
+    from zenith_onnx.calibration import _expose
+    from zenith_onnx.observers import MinMaxObserver
 
-    model = ir.load(model_path)
-    plan = ObservePass()
-    plan(model)
-    derived = _derivations(model.graph, plan.outputs)
-    keep = {v.name for v in ir.load(model_path).graph.outputs}
-    for value in [v for v in model.graph.outputs if v.name in derived and v.name not in keep]:
-        model.graph.outputs.remove(value)
-    return model, [n for n in plan.outputs if n not in derived]
+    observed, plan, observation = _expose(ir.load(model_path), None, MinMaxObserver)
+    return observed, [n for n in plan.outputs if n in observation.observers]
 
 
 def _ort_minmax(model_path: Path, feeds):

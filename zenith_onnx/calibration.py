@@ -287,17 +287,8 @@ def _calibrate(
         raise TypeError(f"expected an onnx_ir.Model, got {type(model).__name__}")
     feeds = as_feeds(data, model, batch_size)
     try:
-        observed = model.clone()
-        plan = ObservePass(tensors)
-        plan(observed)
-        observation = _Observation(
-            observed.graph, [*plan.outputs, *plan.inputs, *plan.constants],
-            lambda: observer_for(method, percentile=percentile, bits=activation_bits),
-        )
-        model_outputs = {v.name for v in model.graph.outputs}
-        for value in [v for v in observed.graph.outputs if v.name in observation.derived]:
-            if value.name not in model_outputs:
-                observed.graph.outputs.remove(value)
+        observed, plan, observation = _expose(
+            model, tensors, lambda: observer_for(method, percentile=percentile, bits=activation_bits))
         with runtime.using_threads(threads):  # refuses a bad count
             session = runtime.session(observed, "all")
         if tensors is None:
@@ -324,6 +315,21 @@ def _calibrate(
     ranges = _finish(observation, method)
     ranges.skipped = dict(plan.skipped)
     return ranges, samples
+
+
+def _expose(model: ir.Model, tensors: Sequence[str] | None, make_observer) -> tuple[ir.Model, ObservePass, _Observation]:
+    """A copy of ``model`` with the tensors to observe (``tensors``, or the default
+    selection) as graph outputs, except those derived from another observed tensor; the
+    pass that chose them; and their observers (``make_observer()`` each)."""
+    observed = model.clone()
+    plan = ObservePass(tensors)
+    plan(observed)
+    observation = _Observation(observed.graph, [*plan.outputs, *plan.inputs, *plan.constants], make_observer)
+    model_outputs = {v.name for v in model.graph.outputs}
+    for value in [v for v in observed.graph.outputs if v.name in observation.derived]:
+        if value.name not in model_outputs:
+            observed.graph.outputs.remove(value)
+    return observed, plan, observation
 
 
 def _constant_array(value: ir.Value) -> np.ndarray:
