@@ -13,6 +13,7 @@ fallback search); 0 is onnxruntime's own default, one thread per physical core.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import tempfile
 import time
@@ -37,7 +38,8 @@ LEVELS = {
 
 
 THREADS_ENV = "ZENITH_ONNX_THREADS"
-_threads: list[int] = []  # set by `using_threads`, innermost last
+# Set by `using_threads` (per thread and task, as a context variable); None: not set.
+_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar("zenith_onnx_threads", default=None)
 
 
 @contextlib.contextmanager
@@ -45,21 +47,18 @@ def using_threads(threads: int | None) -> Iterator[None]:
     """Within the block, sessions that name no thread count use ``threads`` (None: no change)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise UsageError(f"threads: expected a number >= 0 (0: one per physical core), got {threads!r}")
-    if threads is None:
-        yield
-        return
-    _threads.append(threads)
+    token = _threads.set(threads if threads is not None else _threads.get())
     try:
         yield
     finally:
-        _threads.pop()
+        _threads.reset(token)
 
 
 def default_threads() -> int:
     """Intra-op threads of a session that names none: the innermost `using_threads`, else
     ``$ZENITH_ONNX_THREADS``, else 1 (0: onnxruntime's default, one per physical core)."""
-    if _threads:
-        return _threads[-1]
+    if _threads.get() is not None:
+        return _threads.get()
     raw = os.environ.get(THREADS_ENV, "").strip()
     if not raw:
         return 1
